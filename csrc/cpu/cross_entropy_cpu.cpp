@@ -1,0 +1,308 @@
+// CPU backend: validates targets, splits the rows into fixed pieces, runs the SIMD
+// row kernels over them with at::parallel_for (OpenMP), and reduces in a fixed order
+// so that results are bitwise identical for every thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "../cross_entropy.h"
+#include "row_kernels.h"
+
+namespace fastce {
+namespace {
+
+// Elements of one row that one task handles. Fixed (not derived from the thread
+// count) so that the order of every floating-point sum is fixed.
+constexpr int64_t kPiece = 32768;
+// Work (elements) below which a parallel chunk is not worth a thread.
+constexpr int64_t kMinChunk = 16384;
+
+const cpu::RowKernels& kernels() {
+  const char* requested = std::getenv("FASTCE_CPU_ISA");
+  const cpu::RowKernels* k = cpu::select_kernels(requested);
+  TORCH_CHECK(k != nullptr, "FASTCE_CPU_ISA=", requested,
+              " is not one of 'generic', 'avx2', 'avx512' supported by this CPU");
+  return *k;
+}
+
+cpu::Dtype kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cpu::Dtype::Float64;
+    case at::kBFloat16: return cpu::Dtype::BFloat16;
+    case at::kHalf: return cpu::Dtype::Float16;
+    default: return cpu::Dtype::Float32;
+  }
+}
+
+// Per-row view of the problem for the kernels.
+struct Rows {
+  const Problem& p;
+  const Options& opt;
+  cpu::RowConfig cfg;
+  const cpu::RowKernels& k;
+  const char* x;
+  int64_t x_stride;  // bytes between rows
+  const char* y = nullptr;
+  int64_t y_stride = 0;
+  std::vector<int64_t> target;  // class of each row, -1 when ignored (class-index targets)
+  std::vector<double> row_weight;  // weight of the row's loss (0 when ignored)
+  double total_weight = 0.0;       // the mean's divisor
+  double weight_sum = 0.0;         // sum of all class weights
+
+  Rows(const Problem& prob, const Options& o)
+      : p(prob), opt(o), cfg{}, k(kernels()) {
+    const int64_t elem = prob.logits.element_size();
+    cfg.dtype = kernel_dtype(prob.logits.scalar_type());
+    cfg.num_classes = prob.classes;
+    cfg.logit_scale = o.logit_scale;
+    cfg.softcap = o.softcap;
+    cfg.weight = prob.weight.defined() ? prob.weight.data_ptr() : nullptr;
+    x = static_cast<const char*>(prob.logits.data_ptr());
+    x_stride = prob.logits.stride(0) * elem;
+    if (prob.prob) {
+      y = static_cast<const char*>(prob.target.data_ptr());
+      y_stride = prob.target.stride(0) * elem;
+    }
+    weight_sum = double(prob.classes);
+    if (prob.weight.defined()) {
+      weight_sum = 0.0;
+      for (int64_t c = 0; c < prob.classes; ++c) weight_sum += class_weight(c);
+    }
+    read_targets();
+  }
+
+  double class_weight(int64_t c) const {
+    if (!p.weight.defined()) return 1.0;
+    return p.acc_type == at::kDouble ? static_cast<const double*>(cfg.weight)[c]
+                                     : double(static_cast<const float*>(cfg.weight)[c]);
+  }
+  const void* x_row(int64_t r) const { return x + r * x_stride; }
+  const void* y_row(int64_t r) const { return y ? y + r * y_stride : nullptr; }
+  bool ignored(int64_t r) const { return !p.prob && target[r] < 0; }
+
+  // Validates class indices (before any parallel region) and sums the weights.
+  void read_targets() {
+    row_weight.assign(p.rows, 1.0);
+    if (p.prob) {
+      total_weight = double(p.rows);
+      return;
+    }
+    target.resize(p.rows);
+    auto read = [&](auto* t) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const int64_t cls = int64_t(t[r]);
+        if (cls == opt.ignore_index) {
+          target[r] = -1;
+          row_weight[r] = 0.0;
+          continue;
+        }
+        TORCH_CHECK_INDEX(cls >= 0 && cls < p.classes, "Target ", cls, " is out of bounds.");
+        target[r] = cls;
+        row_weight[r] = class_weight(cls);
+        total_weight += row_weight[r];
+      }
+    };
+    switch (p.target.scalar_type()) {
+      case at::kLong: read(p.target.data_ptr<int64_t>()); break;
+      case at::kInt: read(p.target.data_ptr<int32_t>()); break;
+      default: read(p.target.data_ptr<uint8_t>()); break;
+    }
+  }
+
+  // (row, piece) tasks: rows longer than kPiece are split so few-row problems use every core.
+  int64_t pieces() const { return std::max<int64_t>(1, (p.classes + kPiece - 1) / kPiece); }
+  int64_t grain() const {
+    return std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, std::min(p.classes, kPiece)));
+  }
+  template <class F>
+  void for_each_piece(F&& f) const {
+    const int64_t np = pieces();
+    at::parallel_for(0, p.rows * np, grain(), [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t r = task / np, begin = (task % np) * kPiece;
+        f(task, r, begin, std::min(p.classes, begin + kPiece));
+      }
+    });
+  }
+};
+
+at::Tensor rows_tensor(const std::vector<double>& v, const std::vector<int64_t>& shape,
+                       at::ScalarType dtype) {
+  at::Tensor t = at::empty({int64_t(v.size())}, at::kDouble);
+  std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  return t.to(dtype).view(shape);
+}
+
+// Sum in a fixed order (the reduction is deterministic by construction).
+double ordered_sum(const std::vector<double>& v) {
+  double s = 0.0;
+  for (double x : v) s += x;
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
+    std::optional<double> softcap, double lse_square_scale, bool /*inplace_backward*/) {
+  const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
+                                   lse_square_scale);
+  const Problem p = prepare(input, target, weight, opt);
+  const Rows rows(p, opt);
+  const int64_t np = rows.pieces();
+
+  std::vector<cpu::PieceStats> stats(p.rows * np);
+  rows.for_each_piece([&](int64_t task, int64_t r, int64_t begin, int64_t end) {
+    if (!rows.ignored(r)) rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &stats[task]);
+  });
+
+  const double eps = opt.label_smoothing, C = double(p.classes), s = opt.lse_square_scale;
+  std::vector<double> loss(p.rows), zloss(p.rows), lse(p.rows);
+  at::parallel_for(0, p.rows, std::max<int64_t>(1, 4096 / np), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (rows.ignored(r)) {
+        loss[r] = zloss[r] = lse[r] = 0.0;
+        continue;
+      }
+      cpu::PieceStats st = stats[r * np];
+      for (int64_t j = 1; j < np; ++j) cpu::merge_stats(st, stats[r * np + j]);
+      const double l = (st.has_nan || st.max == -INFINITY) ? NAN : st.max + std::log(st.sumexp);
+      double ce;
+      if (p.prob) {
+        // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
+        const double wy = (1.0 - eps) * st.sum_wy + (eps > 0 ? eps / C * rows.weight_sum : 0.0);
+        const double wyz = (1.0 - eps) * st.sum_wyz + (eps > 0 ? eps / C * st.sum_wz : 0.0);
+        ce = l * wy - wyz;
+      } else {
+        const double w_t = rows.row_weight[r];
+        const double z_t = rows.k.transform_one(rows.cfg, rows.x_row(r), rows.target[r]);
+        ce = (1.0 - eps) * w_t * (l - z_t);
+        if (eps > 0) ce += eps / C * (l * rows.weight_sum - st.sum_wz);
+      }
+      zloss[r] = s > 0 ? s * rows.row_weight[r] * l * l : 0.0;
+      loss[r] = ce + zloss[r];
+      lse[r] = l;
+    }
+  });
+
+  const auto dtype = input.scalar_type();
+  at::Tensor loss_out, zloss_out;
+  if (reduction == kNone) {
+    loss_out = rows_tensor(loss, p.row_shape, dtype);
+    zloss_out = rows_tensor(zloss, p.row_shape, dtype);
+  } else {
+    const double div = reduction == kMean ? rows.total_weight : 1.0;
+    loss_out = at::scalar_tensor(ordered_sum(loss) / div, input.options());
+    zloss_out = at::scalar_tensor(ordered_sum(zloss) / div, input.options());
+  }
+  return {loss_out, zloss_out, rows_tensor(lse, p.row_shape, p.acc_type),
+          at::scalar_tensor(rows.total_weight, input.options().dtype(p.acc_type))};
+}
+
+// Writes the gradient of the logits (and of probability targets) into gx2d / gy2d.
+void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, const Problem& p,
+                   const Options& opt, const at::Tensor& lse_t, const at::Tensor& total_weight,
+                   at::Tensor& gx2d, at::Tensor* gy2d) {
+  const Rows rows(p, opt);
+  const bool per_row = opt.reduction == kNone;
+  const double div = opt.reduction == kMean ? total_weight.item<double>() : 1.0;
+  const at::Tensor gl = grad_loss.to(at::kDouble).contiguous().reshape({-1});
+  const at::Tensor gz = grad_zloss.to(at::kDouble).contiguous().reshape({-1});
+  const at::Tensor lse_d = lse_t.to(at::kDouble).contiguous().reshape({-1});
+  const double* glp = gl.data_ptr<double>();
+  const double* gzp = gz.data_ptr<double>();
+  const double* lsep = lse_d.data_ptr<double>();
+
+  std::vector<double> sum_wy;
+  if (p.prob) {
+    sum_wy.resize(p.rows);
+    at::parallel_for(0, p.rows, std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, p.classes)),
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t r = b; r < e; ++r) sum_wy[r] = rows.k.sum_wy(rows.cfg, rows.y_row(r), 0, p.classes);
+                     });
+  }
+
+  const double eps = opt.label_smoothing, C = double(p.classes), s = opt.lse_square_scale;
+  const int64_t elem = gx2d.element_size();
+  char* gx = static_cast<char*>(gx2d.data_ptr());
+  const int64_t gx_stride = gx2d.stride(0) * elem;
+  char* gy = gy2d ? static_cast<char*>(gy2d->data_ptr()) : nullptr;
+  const int64_t gy_stride = gy2d ? gy2d->stride(0) * elem : 0;
+
+  rows.for_each_piece([&](int64_t, int64_t r, int64_t begin, int64_t end) {
+    char* gx_row = gx + r * gx_stride;
+    if (rows.ignored(r)) {
+      std::memset(gx_row + begin * elem, 0, (end - begin) * elem);
+      return;
+    }
+    const double g = (per_row ? glp[r] : glp[0]) / div;
+    const double g_z = (per_row ? gzp[r] : gzp[0]) / div;
+    const double lse = lsep[r];
+    const double w_r = rows.row_weight[r];
+    cpu::GradCoef k{};
+    k.lse = lse;
+    k.coef_w = eps > 0 ? g * eps / C : 0.0;
+    if (p.prob) {
+      k.coef_p = g * ((1.0 - eps) * sum_wy[r] + (eps > 0 ? eps / C * rows.weight_sum : 0.0)) +
+                 2.0 * s * lse * (g + g_z);
+      k.coef_wy = g * (1.0 - eps);
+      k.coef_grad_y = g * (1.0 - eps);
+      k.target = -1;
+    } else {
+      k.coef_p = g * ((1.0 - eps) * w_r + (eps > 0 ? eps / C * rows.weight_sum : 0.0)) +
+                 2.0 * s * w_r * lse * (g + g_z);
+      k.target = rows.target[r];
+      k.coef_target = g * (1.0 - eps) * w_r;
+    }
+    rows.k.piece_grad(rows.cfg, rows.x_row(r), rows.y_row(r), gx_row, gy ? gy + r * gy_stride : nullptr,
+                      begin, end, k);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_zloss, const at::Tensor& input,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    double logit_scale, std::optional<double> softcap, double lse_square_scale,
+    bool compute_grad_target) {
+  const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
+                                   lse_square_scale);
+  const Problem p = prepare(input, target, weight, opt);
+  at::Tensor gx2d = at::empty({p.rows, p.classes}, input.options());
+  at::Tensor gy2d;
+  const bool grad_y = compute_grad_target && p.prob;
+  if (grad_y) gy2d = at::empty({p.rows, p.classes}, input.options());
+  backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, grad_y ? &gy2d : nullptr);
+  at::Tensor grad_target = grad_y ? grad_to_input_layout(gy2d, input)
+                                  : at::empty({0}, input.options());
+  return {grad_to_input_layout(gx2d, input), grad_target};
+}
+
+void backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_zloss,
+                          const at::Tensor& input, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                          const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+                          double label_smoothing, double logit_scale, std::optional<double> softcap,
+                          double lse_square_scale) {
+  const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
+                                   lse_square_scale);
+  const Problem p = prepare(input, target, weight, opt);
+  TORCH_CHECK(input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
+                  (p.classes <= 1 || p.logits.stride(1) == 1),
+              "inplace_backward needs 1-D or 2-D logits whose classes are contiguous");
+  at::Tensor gx2d = p.logits;
+  backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, nullptr);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastce, CPU, m) {
+  m.impl("cross_entropy_forward", &forward_cpu);
+  m.impl("cross_entropy_backward", &backward_cpu);
+  m.impl("cross_entropy_backward_inplace", &backward_inplace_cpu);
+}
+
+}  // namespace fastce

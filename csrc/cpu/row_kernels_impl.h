@@ -1,0 +1,404 @@
+// SIMD row kernels, written once with GCC vector extensions and compiled once per
+// instruction set. The including file defines FASTCE_ISA (the namespace), FASTCE_VW
+// (float lanes: 4, 8 or 16) and FASTCE_F16C (hardware half conversions), includes
+// the standard headers, then switches the target options on around this file.
+//
+// Accumulation is in float for float/bfloat16/half inputs and in double for double
+// inputs (which take the scalar path: W = 1).
+
+namespace fastce::cpu::FASTCE_ISA {
+namespace {
+
+#define FASTCE_INLINE inline __attribute__((always_inline))
+
+constexpr int VW = FASTCE_VW;
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+// Rows are processed in blocks that stay in L1: z is computed once into a
+// buffer, then exponentiated against the block's max (one exp per element).
+constexpr int64_t kBlock = 2048;
+
+template <class T> struct Acc { using scalar = float; using reg = vf; static constexpr int W = VW; };
+template <> struct Acc<double> { using scalar = double; using reg = double; static constexpr int W = 1; };
+
+FASTCE_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+FASTCE_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// ---- scalar conversions -------------------------------------------------------
+FASTCE_INLINE float bf16_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
+FASTCE_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even
+  uint32_t u = float_to_bits(f);
+  if (f != f) return uint16_t((u >> 16) | 0x0040);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+FASTCE_INLINE float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float v = float(mantissa) * 5.9604644775390625e-8f;
+    return bits_to_float(float_to_bits(v) | sign);
+  }
+  if (exponent == 31) return bits_to_float(sign | 0x7F800000u | (mantissa << 13));
+  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+FASTCE_INLINE uint16_t float_to_f16(float f) {  // round to nearest even
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return sign | 0x7E00u;    // NaN
+  if (a >= 0x477FF000u) return sign | 0x7C00u;   // |f| >= 65520 rounds to infinity
+  if (a < 0x38800000u) {                          // below 2^-14: a subnormal half
+    return sign | uint16_t(std::nearbyint(bits_to_float(a) * 16777216.0f));
+  }
+  const uint32_t rounded = a + 0xFFFu + ((a >> 13) & 1u);
+  return sign | uint16_t((rounded - (112u << 23)) >> 13);
+}
+
+FASTCE_INLINE float load1(const float* p) { return *p; }
+FASTCE_INLINE double load1(const double* p) { return *p; }
+FASTCE_INLINE float load1(const bf16* p) { return bf16_to_float(p->bits); }
+FASTCE_INLINE float load1(const f16* p) { return f16_to_float(p->bits); }
+FASTCE_INLINE void store1(float* p, float v) { *p = v; }
+FASTCE_INLINE void store1(double* p, double v) { *p = v; }
+FASTCE_INLINE void store1(bf16* p, float v) { p->bits = float_to_bf16(v); }
+FASTCE_INLINE void store1(f16* p, float v) { p->bits = float_to_f16(v); }
+
+// ---- vector loads and stores (unaligned) ---------------------------------------
+FASTCE_INLINE vf splat(float a) { return vf{} + a; }
+FASTCE_INLINE double splat(double a) { return a; }
+
+FASTCE_INLINE vf loadv(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+FASTCE_INLINE double loadv(const double* p) { return *p; }
+FASTCE_INLINE vf loadv(const bf16* p) {
+  vh h; std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+FASTCE_INLINE vf loadv(const f16* p) {
+#if FASTCE_F16C && FASTCE_VW == 16
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif FASTCE_F16C && FASTCE_VW == 8
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < VW; ++i) v[i] = f16_to_float(p[i].bits);
+  return v;
+#endif
+}
+// Class weights are stored in the accumulation type.
+FASTCE_INLINE vf loadw(const float* p) { return loadv(p); }
+FASTCE_INLINE double loadw(const double* p) { return *p; }
+
+FASTCE_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+FASTCE_INLINE void storev(double* p, double v) { *p = v; }
+FASTCE_INLINE void storev(bf16* p, vf v) {
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const vu quiet_nan = (u >> 16) | 0x0040u;
+  const vh h = __builtin_convertvector(v != v ? quiet_nan : rounded, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+FASTCE_INLINE void storev(f16* p, vf v) {
+#if FASTCE_F16C && FASTCE_VW == 16
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif FASTCE_F16C && FASTCE_VW == 8
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < VW; ++i) p[i].bits = float_to_f16(v[i]);
+#endif
+}
+
+// ---- math -----------------------------------------------------------------------
+FASTCE_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+FASTCE_INLINE double vmax(double a, double b) { return a > b ? a : b; }
+
+// exp with a degree-6 polynomial on [-ln2/2, ln2/2] (about 1 ulp). NaN stays NaN,
+// inputs below -87.3 give exactly 0 (so masked -inf logits get zero probability).
+FASTCE_INLINE vf vexp(vf x) {
+  const vi underflow = x < -87.33654f;
+  x = x > 88.37f ? splat(88.37f) : x;
+  x = x < -87.33654f ? splat(-87.33654f) : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x * 1.44269504088896341f + magic;
+  const vf n = t - magic;
+  const vi ni = (vi)t - (vi)splat(magic);
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vf result = p * (vf)((ni + 127) << 23);
+  return underflow ? splat(0.0f) : result;
+}
+FASTCE_INLINE double vexp(double x) { return std::exp(x); }
+FASTCE_INLINE float sexp(float x) { return std::exp(x); }
+FASTCE_INLINE double sexp(double x) { return std::exp(x); }
+
+// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1: no overflow.
+FASTCE_INLINE vf vtanh(vf u) {
+  const vf a = u < 0.0f ? -u : u;
+  const vf e = vexp(-2.0f * a);
+  const vf t = (1.0f - e) / (1.0f + e);
+  return u < 0.0f ? -t : t;
+}
+FASTCE_INLINE double vtanh(double u) { return std::tanh(u); }
+FASTCE_INLINE float stanh(float u) { return std::tanh(u); }
+FASTCE_INLINE double stanh(double u) { return std::tanh(u); }
+
+FASTCE_INLINE float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
+FASTCE_INLINE double hsum(double v) { return v; }
+FASTCE_INLINE float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m; return m; }
+FASTCE_INLINE double hmax(double v) { return v; }
+FASTCE_INLINE bool hany_nonzero(vf v) { for (int i = 0; i < VW; ++i) if (v[i] != 0.0f) return true; return false; }
+FASTCE_INLINE bool hany_nonzero(double v) { return v != 0.0; }
+
+// z = logit_scale * x, optionally soft-capped: z = cap * tanh(logit_scale * x / cap).
+template <class S>
+struct Transform {
+  S scale, cap, u_coef;  // u_coef = scale / cap
+  explicit Transform(const RowConfig& cfg)
+      : scale(S(cfg.logit_scale)), cap(S(cfg.softcap)),
+        u_coef(cfg.softcap > 0 ? S(cfg.logit_scale / cfg.softcap) : S(0)) {}
+  template <bool Cap, class R> FASTCE_INLINE R z(R x) const {
+    if constexpr (Cap) return vtanh(x * u_coef) * cap; else return x * scale;
+  }
+  // z and dz/dx together.
+  template <bool Cap, class R> FASTCE_INLINE R z_and_slope(R x, R& slope) const {
+    if constexpr (Cap) {
+      const R t = vtanh(x * u_coef);
+      slope = (S(1) - t * t) * scale;
+      return t * cap;
+    } else {
+      slope = splat(scale);
+      return x * scale;
+    }
+  }
+  template <bool Cap> FASTCE_INLINE S z1(S x) const {
+    if constexpr (Cap) return stanh(x * u_coef) * cap; else return x * scale;
+  }
+  template <bool Cap> FASTCE_INLINE S z1_and_slope(S x, S& slope) const {
+    if constexpr (Cap) {
+      const S t = stanh(x * u_coef);
+      slope = (S(1) - t * t) * scale;
+      return t * cap;
+    } else {
+      slope = scale;
+      return x * scale;
+    }
+  }
+};
+
+// ---- forward statistics of a piece of a row ------------------------------------
+template <class T, bool HasW, bool HasY, bool Cap>
+void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, int64_t end,
+                   PieceStats* out) {
+  using S = typename Acc<T>::scalar;
+  using R = typename Acc<T>::reg;
+  constexpr int W = Acc<T>::W;
+  const S* w = static_cast<const S*>(cfg.weight);
+  const Transform<S> tf(cfg);
+  alignas(64) S zbuf[kBlock];
+
+  PieceStats st;
+  R acc_wz = splat(S(0)), acc_wyz = splat(S(0)), acc_wy = splat(S(0)), nan_seen = splat(S(0));
+  S tail_wz = 0, tail_wyz = 0, tail_wy = 0;
+  bool tail_nan = false;
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, end - b0);
+    const int64_t nv = n - n % W;
+    R vm = splat(-std::numeric_limits<S>::infinity());
+    for (int64_t i = 0; i < nv; i += W) {
+      const int64_t c = b0 + i;
+      const R z = tf.template z<Cap>(loadv(x + c));
+      storev(zbuf + i, z);
+      vm = vmax(vm, z);
+      nan_seen = z != z ? splat(S(1)) : nan_seen;
+      const R wz = HasW ? z * loadw(w + c) : z;
+      acc_wz += wz;
+      if constexpr (HasY) {
+        const R yw = HasW ? loadv(y + c) * loadw(w + c) : loadv(y + c);
+        acc_wyz += yw * z;
+        acc_wy += yw;
+      }
+    }
+    S m = hmax(vm);
+    for (int64_t i = nv; i < n; ++i) {
+      const int64_t c = b0 + i;
+      const S z = tf.template z1<Cap>(S(load1(x + c)));
+      zbuf[i] = z;
+      m = z > m ? z : m;
+      tail_nan |= z != z;
+      const S wc = HasW ? w[c] : S(1);
+      tail_wz += wc * z;
+      if constexpr (HasY) {
+        const S yw = S(load1(y + c)) * wc;
+        tail_wyz += yw * z;
+        tail_wy += yw;
+      }
+    }
+    if (m == -std::numeric_limits<S>::infinity()) continue;  // nothing but -inf (or NaN)
+    R vs = splat(S(0));
+    for (int64_t i = 0; i < nv; i += W) {
+      R z;
+      std::memcpy(&z, zbuf + i, sizeof z);
+      vs += vexp(z - m);
+    }
+    S s = hsum(vs);
+    for (int64_t i = nv; i < n; ++i) s += sexp(zbuf[i] - m);
+    PieceStats block;
+    block.max = m;
+    block.sumexp = s;
+    merge_stats(st, block);
+  }
+  st.sum_wz = double(hsum(acc_wz)) + double(tail_wz);
+  st.sum_wyz = double(hsum(acc_wyz)) + double(tail_wyz);
+  st.sum_wy = double(hsum(acc_wy)) + double(tail_wy);
+  st.has_nan = hany_nonzero(nan_seen) || tail_nan;
+  *out = st;
+}
+
+// ---- gradient of a piece of a row ----------------------------------------------
+template <class T, bool HasW, bool HasY, bool Cap, bool GradY>
+void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, int64_t begin,
+                  int64_t end, const GradCoef& k) {
+  using S = typename Acc<T>::scalar;
+  using R = typename Acc<T>::reg;
+  constexpr int W = Acc<T>::W;
+  const S* w = static_cast<const S*>(cfg.weight);
+  const Transform<S> tf(cfg);
+  const S lse = S(k.lse), cp = S(k.coef_p), cw = S(k.coef_w), cwy = S(k.coef_wy), cgy = S(k.coef_grad_y);
+
+  // gx may alias x (in-place backward): read the target's logit before it is overwritten.
+  const bool has_target = k.target >= begin && k.target < end;
+  const S x_target = has_target ? S(load1(x + k.target)) : S(0);
+
+  auto one = [&](int64_t c, S xc, S extra) {
+    S slope;
+    const S z = tf.template z1_and_slope<Cap>(xc, slope);
+    const S p = sexp(z - lse);
+    const S wc = HasW ? w[c] : S(1);
+    const S sub = HasY ? cw + cwy * S(load1(y + c)) : cw;
+    store1(gx + c, (p * cp - wc * sub - extra) * slope);
+    if constexpr (GradY) store1(gy + c, cgy * wc * (lse - z));
+  };
+
+  const int64_t n = end - begin;
+  const int64_t nv = n - n % W;
+  for (int64_t i = 0; i < nv; i += W) {
+    const int64_t c = begin + i;
+    R slope;
+    const R z = tf.template z_and_slope<Cap>(loadv(x + c), slope);
+    const R p = vexp(z - lse);
+    const R sub = HasY ? cw + cwy * loadv(y + c) : splat(cw);
+    R g = p * cp - (HasW ? loadw(w + c) * sub : sub);
+    storev(gx + c, g * slope);
+    if constexpr (GradY) {
+      const R wc = HasW ? loadw(w + c) : splat(S(1));
+      storev(gy + c, cgy * wc * (lse - z));
+    }
+  }
+  for (int64_t c = begin + nv; c < end; ++c) one(c, S(load1(x + c)), S(0));
+  if (has_target) one(k.target, x_target, S(k.coef_target));
+}
+
+template <class T>
+double sum_wy_t(const RowConfig& cfg, const T* y, int64_t begin, int64_t end) {
+  using S = typename Acc<T>::scalar;
+  using R = typename Acc<T>::reg;
+  constexpr int W = Acc<T>::W;
+  const S* w = static_cast<const S*>(cfg.weight);
+  const int64_t nv = (end - begin) - (end - begin) % W;
+  R acc = splat(S(0));
+  S tail = 0;
+  for (int64_t c = begin; c < begin + nv; c += W) acc += w ? loadv(y + c) * loadw(w + c) : loadv(y + c);
+  for (int64_t c = begin + nv; c < end; ++c) tail += S(load1(y + c)) * (w ? w[c] : S(1));
+  return double(hsum(acc)) + double(tail);
+}
+
+// ---- dtype and option dispatch -------------------------------------------------
+template <class F>
+FASTCE_INLINE auto with_dtype(Dtype d, F&& f) {
+  switch (d) {
+    case Dtype::Float64: return f(static_cast<double*>(nullptr));
+    case Dtype::BFloat16: return f(static_cast<bf16*>(nullptr));
+    case Dtype::Float16: return f(static_cast<f16*>(nullptr));
+    default: return f(static_cast<float*>(nullptr));
+  }
+}
+
+template <class F>
+FASTCE_INLINE void with_flag(bool v, F&& f) {
+  if (v) f(std::true_type{}); else f(std::false_type{});
+}
+
+void piece_stats(const RowConfig& cfg, const void* x, const void* y, int64_t begin, int64_t end,
+                 PieceStats* out) {
+  with_dtype(cfg.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    with_flag(cfg.weight != nullptr, [&](auto has_w) {
+      with_flag(y != nullptr, [&](auto has_y) {
+        with_flag(cfg.softcap > 0, [&](auto cap) {
+          piece_stats_t<T, has_w.value, has_y.value, cap.value>(
+              cfg, static_cast<const T*>(x), static_cast<const T*>(y), begin, end, out);
+        });
+      });
+    });
+  });
+}
+
+void piece_grad(const RowConfig& cfg, const void* x, const void* y, void* gx, void* gy,
+                int64_t begin, int64_t end, const GradCoef& k) {
+  with_dtype(cfg.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    with_flag(cfg.weight != nullptr, [&](auto has_w) {
+      with_flag(y != nullptr, [&](auto has_y) {
+        with_flag(cfg.softcap > 0, [&](auto cap) {
+          with_flag(gy != nullptr, [&](auto grad_y) {
+            if constexpr (grad_y.value && !has_y.value) return;  // no target gradient without y
+            else
+              piece_grad_t<T, has_w.value, has_y.value, cap.value, grad_y.value>(
+                  cfg, static_cast<const T*>(x), static_cast<const T*>(y), static_cast<T*>(gx),
+                  static_cast<T*>(gy), begin, end, k);
+          });
+        });
+      });
+    });
+  });
+}
+
+double transform_one(const RowConfig& cfg, const void* x, int64_t index) {
+  return with_dtype(cfg.dtype, [&](auto* tag) -> double {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using S = typename Acc<T>::scalar;
+    const Transform<S> tf(cfg);
+    const S xv = S(load1(static_cast<const T*>(x) + index));
+    return cfg.softcap > 0 ? double(tf.template z1<true>(xv)) : double(tf.template z1<false>(xv));
+  });
+}
+
+double sum_wy(const RowConfig& cfg, const void* y, int64_t begin, int64_t end) {
+  return with_dtype(cfg.dtype, [&](auto* tag) -> double {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return sum_wy_t<T>(cfg, static_cast<const T*>(y), begin, end);
+  });
+}
+
+#undef FASTCE_INLINE
+}  // namespace
+
+const RowKernels& table() {
+  static const RowKernels k{FASTCE_ISA_NAME, &piece_stats, &piece_grad, &transform_one, &sum_wy};
+  return k;
+}
+
+}  // namespace fastce::cpu::FASTCE_ISA

@@ -1,0 +1,52 @@
+// The op schemas of the fastce library (one definition for every backend), and the
+// Python module entry point that loads them. Kernels: cpu/, cuda/. Autograd and
+// fake (meta) kernels: python/fastce/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "cpu/row_kernels.h"
+
+extern "C" {
+// `import fastce._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace fastce {
+
+// The instruction set the CPU kernels use now (FASTCE_CPU_ISA can force one).
+std::string cpu_isa() {
+  const cpu::RowKernels* k = cpu::select_kernels(std::getenv("FASTCE_CPU_ISA"));
+  return k ? k->isa : "unsupported";
+}
+
+TORCH_LIBRARY(fastce, m) {
+  // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float32 (float64 for
+  // float64 input) log-sum-exp of each row's transformed logits; total_weight: the
+  // mean's divisor. reduction: 0 none, 1 mean, 2 sum (torch's enum).
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, float logit_scale, float? softcap, "
+      "float lse_square_scale, bool inplace_backward) "
+      "-> (Tensor loss, Tensor z_loss, Tensor lse, Tensor total_weight)");
+  // grad_target is empty unless compute_grad_target and the target holds probabilities.
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor grad_z_loss, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor lse, Tensor total_weight, int reduction, int ignore_index, "
+      "float label_smoothing, float logit_scale, float? softcap, float lse_square_scale, "
+      "bool compute_grad_target) -> (Tensor grad_input, Tensor grad_target)");
+  // Writes the gradient of the logits into the logits' own storage.
+  m.def(
+      "cross_entropy_backward_inplace(Tensor grad_loss, Tensor grad_z_loss, Tensor(a!) input, "
+      "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, int reduction, "
+      "int ignore_index, float label_smoothing, float logit_scale, float? softcap, "
+      "float lse_square_scale) -> ()");
+  m.def("cpu_isa() -> str", &cpu_isa);
+}
+
+}  // namespace fastce

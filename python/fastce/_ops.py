@@ -1,0 +1,103 @@
+"""Op registration on the Python side: fake (meta) kernels for tracing and autograd.
+
+The schemas and the CPU/CUDA kernels live in C++ (csrc/); `import fastce._C` loads them.
+"""
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.fastce.*)
+
+ops = torch.ops.fastce
+
+
+def _row_shape(input):
+    if input.dim() <= 1:
+        return ()
+    return (input.shape[0], *input.shape[2:])
+
+
+def _acc_dtype(input):
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastce::cross_entropy_forward")
+def _forward_fake(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
+                  softcap, lse_square_scale, inplace_backward):
+    rows = _row_shape(input)
+    loss_shape = rows if reduction == 0 else ()
+    acc = _acc_dtype(input)
+    return (input.new_empty(loss_shape), input.new_empty(loss_shape),
+            input.new_empty(rows, dtype=acc), input.new_empty((), dtype=acc))
+
+
+@torch.library.register_fake("fastce::cross_entropy_backward")
+def _backward_fake(grad_loss, grad_z_loss, input, target, weight, lse, total_weight, reduction,
+                   ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale,
+                   compute_grad_target):
+    grad_target_shape = input.shape if compute_grad_target and target.shape == input.shape else (0,)
+    return input.new_empty(input.shape), input.new_empty(grad_target_shape)
+
+
+@torch.library.register_fake("fastce::cross_entropy_backward_inplace")
+def _backward_inplace_fake(grad_loss, grad_z_loss, input, target, weight, lse, total_weight,
+                           reduction, ignore_index, label_smoothing, logit_scale, softcap,
+                           lse_square_scale):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    (input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap,
+     lse_square_scale, inplace_backward) = inputs
+    _, _, lse, total_weight = output
+    ctx.save_for_backward(input, target, weight, lse, total_weight)
+    ctx.options = (reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale)
+    ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(lse, total_weight)
+
+
+def _tracing(t):
+    # Under torch.compile the backward graph is traced with fake tensors; a write into a
+    # saved input cannot be expressed there, so the gradient is computed out of place.
+    return torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or \
+        torch._C._is_functional_tensor(t)
+
+
+def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):
+    input, target, weight, lse, total_weight = ctx.saved_tensors
+    if grad_z_loss is None:
+        grad_z_loss = torch.zeros_like(grad_loss)
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(grad_z_loss)
+    grad_target = None
+    if ctx.inplace_backward and not _tracing(input):
+        ops.cross_entropy_backward_inplace(grad_loss, grad_z_loss, input, target, weight, lse,
+                                           total_weight, *ctx.options)
+        # The logits now hold their gradient: make autograd reject any later use of them.
+        torch.autograd.graph.increment_version(input)
+        grad_input = input
+    else:
+        want_target_grad = ctx.needs_input_grad[1]
+        grad_input, grad_target = ops.cross_entropy_backward(
+            grad_loss, grad_z_loss, input, target, weight, lse, total_weight, *ctx.options,
+            want_target_grad)
+        if not want_target_grad:
+            grad_target = None
+    return (grad_input if ctx.needs_input_grad[0] else None, grad_target,
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastce::cross_entropy_forward", _backward,
+                                setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastce.cross_entropy does not support double backward (create_graph=True through its "
+        "gradient); use torch.nn.functional.cross_entropy for higher-order derivatives")
+
+
+def _no_double_backward_setup(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("fastce::cross_entropy_backward", _no_double_backward,
+                                setup_context=_no_double_backward_setup)

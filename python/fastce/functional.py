@@ -1,0 +1,74 @@
+"""The public functional API: torch.nn.functional.cross_entropy, and more."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _legacy_reduction(size_average, reduce):
+    # torch.nn._reduction.legacy_get_string, without importing a private module
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        return "mean"
+    return "sum" if reduce else "none"
+
+
+def _reduction_enum(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return _REDUCTIONS[reduction]
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    inplace_backward: bool = False,
+):
+    """Cross-entropy between logits and targets; a drop-in for
+    ``torch.nn.functional.cross_entropy`` (same arguments, results, gradients and errors).
+
+    fastce's keyword-only options, applied inside the kernels:
+
+    - ``logit_scale``: logits are multiplied by it first: ``z = logit_scale * input``.
+    - ``softcap``: then soft-capped: ``z = softcap * tanh(z / softcap)``.
+    - ``lse_square_scale``: z-loss; each non-ignored row adds
+      ``lse_square_scale * logsumexp(z) ** 2`` (times the row's class weight).
+    - ``return_z_loss``: also return the z-loss part alone, reduced the same way.
+    - ``inplace_backward``: backward writes the gradient into ``input``'s storage instead of a
+      new buffer. ``input`` must not be a leaf, and must not be used after the backward pass.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction(size_average, reduce)
+    reduction_enum = _reduction_enum(reduction)
+    if target.shape == input.shape and target.is_floating_point() and target.dtype != input.dtype:
+        target = target.to(input.dtype)
+    if inplace_backward and input.requires_grad and torch.is_grad_enabled():
+        if input.is_leaf:
+            raise RuntimeError(
+                "inplace_backward=True would overwrite a leaf tensor that requires grad with its "
+                "gradient; pass a tensor computed in the graph (e.g. the output of the LM head)")
+        if input.dim() > 2 or input.stride(-1) != 1:
+            inplace_backward = False  # the canonical view is a copy: nothing to reuse
+    loss, z_loss, _, _ = ops.cross_entropy_forward(
+        input, target, weight, reduction_enum, ignore_index, float(label_smoothing),
+        float(logit_scale), None if softcap is None else float(softcap), float(lse_square_scale),
+        bool(inplace_backward))
+    if return_z_loss:
+        return loss, z_loss
+    return loss

@@ -1,0 +1,61 @@
+"""Builds fastce._C: the CPU kernels always, the CUDA kernels when asked for or possible.
+
+Environment switches:
+  FORCE_CUDA=1            build the CUDA kernels even without a GPU (needs nvcc and a CUDA torch)
+  FASTCE_NO_CUDA=1        never build them
+  TORCH_CUDA_ARCH_LIST    CUDA targets (default without a GPU: "8.0;9.0")
+  FASTCE_SANITIZE=1       AddressSanitizer + UndefinedBehaviorSanitizer build (CPU tests)
+  FASTCE_DEBUG=1          -O0 -g
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def flag(name):
+    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+
+
+def want_cuda():
+    if flag("FASTCE_NO_CUDA"):
+        return False
+    if flag("FORCE_CUDA"):
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    debug, sanitize = flag("FASTCE_DEBUG"), flag("FASTCE_SANITIZE")
+    opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
+    cxx = opt + ["-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
+    link = ["-fopenmp"]
+    if sanitize:
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        cxx += san
+        link += san
+    if want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        if flag("FASTCE_PTXAS_VERBOSE"):
+            nvcc.append("-Xptxas=-v")
+        return CUDAExtension(
+            "fastce._C", sources, extra_compile_args={"cxx": cxx + ["-DFASTCE_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
+        )
+    return CppExtension("fastce._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
+
+setup(
+    packages=find_packages("python"),
+    package_dir={"": "python"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
