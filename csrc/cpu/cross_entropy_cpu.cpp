@@ -290,11 +290,17 @@ void backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_zl
   const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
                                    lse_square_scale);
   const Problem p = prepare(input, target, weight, opt);
-  TORCH_CHECK(input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
-                  (p.classes <= 1 || p.logits.stride(1) == 1),
-              "inplace_backward needs 1-D or 2-D logits whose classes are contiguous");
-  at::Tensor gx2d = p.logits;
+  const bool same_storage = input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
+                           (p.classes <= 1 || p.logits.stride(1) == 1);
+  if (same_storage) {
+    at::Tensor gx2d = p.logits;
+    backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, nullptr);
+    return;
+  }
+  // The kernels' view of these logits is a copy: compute there, then copy back.
+  at::Tensor gx2d = at::empty({p.rows, p.classes}, input.options());
   backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, nullptr);
+  input.copy_(grad_to_input_layout(gx2d, input));
 }
 
 }  // namespace

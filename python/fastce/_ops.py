@@ -55,10 +55,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _tracing(t):
-    # Under torch.compile the backward graph is traced with fake tensors; a write into a
-    # saved input cannot be expressed there, so the gradient is computed out of place.
-    return torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or \
-        torch._C._is_functional_tensor(t)
+    # Under torch.compile the backward graph is traced with fake/functional tensors; a
+    # write into a saved input cannot be expressed there, so it is computed out of place.
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return (torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
+            or torch._is_functional_tensor(t))
 
 
 def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):

@@ -58,13 +58,15 @@ def cross_entropy(
     reduction_enum = _reduction_enum(reduction)
     if target.shape == input.shape and target.is_floating_point() and target.dtype != input.dtype:
         target = target.to(input.dtype)
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "The function 'cross_entropy' is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True.")
     if inplace_backward and input.requires_grad and torch.is_grad_enabled():
         if input.is_leaf:
             raise RuntimeError(
                 "inplace_backward=True would overwrite a leaf tensor that requires grad with its "
                 "gradient; pass a tensor computed in the graph (e.g. the output of the LM head)")
-        if input.dim() > 2 or input.stride(-1) != 1:
-            inplace_backward = False  # the canonical view is a copy: nothing to reuse
     loss, z_loss, _, _ = ops.cross_entropy_forward(
         input, target, weight, reduction_enum, ignore_index, float(label_smoothing),
         float(logit_scale), None if softcap is None else float(softcap), float(lse_square_scale),

@@ -1,0 +1,280 @@
+"""fastce.cross_entropy against torch.nn.functional.cross_entropy: results and gradients."""
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastce
+from reference import reference_cross_entropy
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (loss tolerance, gradient tolerance) against a float64 computation on the same inputs
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (2e-2, 1e-2),
+    torch.float16: (4e-3, 2e-3),
+}
+SHAPES = [(17,), (1, 1), (6, 1), (5, 3), (13, 17), (9, 1000), (3, 4099), (2, 5, 3), (2, 4, 3, 2), (0, 5)]
+
+
+def class_dim(shape):
+    return 0 if len(shape) == 1 else 1
+
+
+def make_target(shape, device, ignore_frac=0.0, ignore_index=-100, dtype=torch.long):
+    C = shape[class_dim(shape)]
+    tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    t = torch.randint(0, C, tshape, device=device)
+    if ignore_frac:
+        t = torch.where(torch.rand(tshape, device=device) < ignore_frac, ignore_index, t)
+    return t.to(dtype)
+
+
+def assert_close(actual, expected, tol, msg=""):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol, equal_nan=True,
+                               msg=lambda m: f"{msg}\n{m}")
+
+
+def run_both(x, target, grad_target=False, **kw):
+    """fastce on x, and float64 torch on the same values; returns (losses, grads)."""
+    xa = x.detach().clone().requires_grad_()
+    xb = x.detach().double().requires_grad_()
+    ta, tb = target, target
+    if grad_target:
+        ta = target.detach().clone().requires_grad_()
+        tb = target.detach().double().requires_grad_()
+    elif target.is_floating_point():
+        tb = target.double()
+    w = kw.pop("weight", None)
+    a = fastce.cross_entropy(xa, ta, weight=w, **kw)
+    b = F.cross_entropy(xb, tb, weight=None if w is None else w.double(), **kw)
+    assert a.shape == b.shape and a.dtype == x.dtype
+    go = torch.rand_like(b) + 0.5  # non-uniform incoming gradient
+    inputs_a = [xa] + ([ta] if grad_target else [])
+    inputs_b = [xb] + ([tb] if grad_target else [])
+    ga = torch.autograd.grad(a, inputs_a, go.to(a.dtype)) if a.numel() else [torch.zeros_like(i) for i in inputs_a]
+    gb = torch.autograd.grad(b, inputs_b, go) if b.numel() else [torch.zeros_like(i) for i in inputs_b]
+    return a, b, ga, gb
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_class_targets(device, dtype, shape, reduction):
+    x = torch.randn(shape, device=device).mul(3).to(dtype)
+    C = shape[class_dim(shape)]
+    weight = (torch.rand(C, device=device) + 0.1).to(dtype)
+    tol_loss, tol_grad = TOL[dtype]
+    for w, ls, ignore in itertools.product([None, weight], [0.0, 0.15], [False, True]):
+        ignore_index = (C // 2 if C > 1 else -100) if ignore else -100
+        t = make_target(shape, device, 0.3 if ignore else 0.0, ignore_index)
+        a, b, (ga,), (gb,) = run_both(x, t, weight=w, reduction=reduction, label_smoothing=ls,
+                                       ignore_index=ignore_index)
+        what = f"weight={w is not None} ls={ls} ignore={ignore_index}"
+        assert_close(a, b, tol_loss * max(1.0, b.abs().max().item() if b.numel() else 1.0), what)
+        assert_close(ga, gb, tol_grad * max(1.0, gb.abs().max().item() if gb.numel() else 1.0), what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(11,), (6, 1), (5, 3), (9, 1000), (2, 5, 3), (0, 4)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_targets(device, dtype, shape, reduction):
+    x = torch.randn(shape, device=device).mul(2).to(dtype)
+    C = shape[class_dim(shape)]
+    tol_loss, tol_grad = TOL[dtype]
+    for normalized, w, ls in itertools.product([True, False], [None, torch.rand(C, device=device).to(dtype)], [0.0, 0.2]):
+        y = torch.rand(shape, device=device)
+        if normalized:
+            y = y / y.sum(class_dim(shape), keepdim=True).clamp_min(1e-6)
+        y = y.to(dtype)
+        a, b, ga, gb = run_both(x, y, grad_target=True, weight=w, reduction=reduction, label_smoothing=ls)
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        assert_close(a, b, tol_loss * scale, f"norm={normalized} w={w is not None} ls={ls}")
+        for g1, g2, name in zip(ga, gb, ["input", "target"]):
+            assert_close(g1, g2, tol_grad * max(1.0, g2.abs().max().item() if g2.numel() else 1.0), name)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "row_slice", "every_other_row", "expanded_rows", "kdim_permuted"])
+def test_non_contiguous_inputs(device, layout):
+    if layout == "transposed":
+        x = torch.randn(37, 8, device=device).t()
+    elif layout == "row_slice":
+        x = torch.randn(8, 50, device=device)[:, 3:40]
+    elif layout == "every_other_row":
+        x = torch.randn(16, 37, device=device)[::2]
+    elif layout == "expanded_rows":
+        x = torch.randn(1, 37, device=device).expand(8, 37)
+    else:
+        x = torch.randn(2, 3, 37, device=device).permute(0, 2, 1)
+    t = make_target(tuple(x.shape), device)
+    a, b, (ga,), (gb,) = run_both(x, t, reduction="none", label_smoothing=0.1)
+    assert_close(a, b, 1e-5)
+    assert_close(ga, gb, 1e-6)
+
+
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32, torch.uint8])
+def test_target_dtypes(device, tdtype):
+    x = torch.randn(10, 7, device=device)
+    t = make_target((10, 7), device, dtype=tdtype)
+    a = fastce.cross_entropy(x, t)
+    b = F.cross_entropy(x, t.long())
+    assert_close(a, b, 1e-6)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0, 3, 12345])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_ignore_index_values(device, ignore_index, reduction):
+    x = torch.randn(20, 6, device=device)
+    t = torch.randint(0, 6, (20,), device=device)
+    t[::3] = ignore_index if ignore_index < 0 or ignore_index >= 6 else t[::3]
+    a, b, (ga,), (gb,) = run_both(x, t, ignore_index=ignore_index, reduction=reduction, label_smoothing=0.1)
+    assert_close(a, b, 1e-5)
+    assert_close(ga, gb, 1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_every_row_ignored(device, reduction):
+    x = torch.randn(5, 4, device=device, requires_grad=True)
+    t = torch.full((5,), -100, device=device)
+    a = fastce.cross_entropy(x, t, reduction=reduction)
+    b = F.cross_entropy(x, t, reduction=reduction)
+    assert_close(a, b, 0)  # NaN for mean, like torch
+    a.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("size_average,reduce", [(None, None), (True, None), (False, None), (None, False),
+                                                  (True, False), (False, True), (True, True)])
+def test_legacy_reduction_args(device, size_average, reduce):
+    x = torch.randn(6, 5, device=device)
+    t = make_target((6, 5), device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the legacy arguments are deprecated
+        b = F.cross_entropy(x, t, None, size_average, -100, reduce)
+    a = fastce.cross_entropy(x, t, None, size_average, -100, reduce)
+    assert_close(a, b, 1e-6)
+
+
+def test_positional_signature_matches_torch():
+    import inspect
+    ours = inspect.signature(fastce.cross_entropy).parameters
+    theirs = inspect.signature(F.cross_entropy).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for name, p in theirs.items():
+        assert ours[name].default == p.default, name
+    for name in list(ours)[len(theirs):]:
+        assert ours[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_worked_example_from_the_seed():
+    score = torch.tensor([0.8982, 0.805, 0.6393, 0.9983, 0.5731, 0.0469, 0.556, 0.1476, 0.8404, 0.5544])
+    by_hand = torch.log(torch.sum(torch.exp(score))) - score[1]
+    assert torch.allclose(fastce.cross_entropy(score, torch.tensor(1)), by_hand, atol=1e-6)
+    batch, target = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    per_row = fastce.cross_entropy(batch, target, reduction="none")
+    assert per_row.shape == (64,)
+    assert torch.allclose(fastce.cross_entropy(batch, target), per_row.mean(), atol=1e-6)
+
+
+def test_module_is_a_drop_in(device):
+    w = torch.rand(7, device=device)
+    ours = fastce.CrossEntropyLoss(weight=w, ignore_index=2, reduction="sum", label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, reduction="sum", label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    for attr in ["ignore_index", "reduction", "label_smoothing"]:
+        assert getattr(ours, attr) == getattr(theirs, attr)
+    assert "weight" in dict(ours.named_buffers())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    fresh = fastce.CrossEntropyLoss(weight=torch.zeros(7, device=device))
+    fresh.load_state_dict(theirs.state_dict())
+    assert torch.equal(fresh.weight, w)
+    x, t = torch.randn(9, 7, device=device), make_target((9, 7), device)
+    assert_close(ours(x, t), theirs(x, t), 1e-5)
+    legacy = fastce.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+
+
+def test_determinism_across_thread_counts():
+    # Many rows and rows longer than one piece (32768), so both parallel paths are used.
+    x = torch.randn(64, 70001).requires_grad_()
+    t = torch.randint(0, 70001, (64,))
+    w = torch.rand(70001)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in [1, 2, 3]:
+            torch.set_num_threads(threads)
+            for reduction in ["mean", "none"]:
+                loss = fastce.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction)
+                g, = torch.autograd.grad(loss.sum(), x)
+                results.append((threads, reduction, loss.detach(), g))
+    finally:
+        torch.set_num_threads(old)
+    for th, red, loss, g in results:
+        ref = next(r for r in results if r[1] == red)
+        assert torch.equal(loss, ref[2]) and torch.equal(g, ref[3]), (th, red)
+
+
+def supported_isas():
+    import os
+    names = []
+    old = os.environ.get("FASTCE_CPU_ISA")
+    for name in ["generic", "avx2", "avx512"]:
+        os.environ["FASTCE_CPU_ISA"] = name
+        if fastce.cpu_isa() == name:
+            names.append(name)
+    if old is None:
+        del os.environ["FASTCE_CPU_ISA"]
+    else:
+        os.environ["FASTCE_CPU_ISA"] = old
+    return names
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_instruction_set(monkeypatch, isa, dtype):
+    monkeypatch.setenv("FASTCE_CPU_ISA", isa)
+    assert fastce.cpu_isa() == isa
+    x = (torch.randn(7, 3001) * 4).to(dtype)
+    x[0, 5] = -float("inf")  # masked logit
+    t = make_target((7, 3001), "cpu")
+    w = torch.rand(3001).to(dtype)
+    tol_loss, tol_grad = TOL[dtype]
+    for kw in [dict(), dict(weight=w, label_smoothing=0.2), dict(reduction="none", label_smoothing=0.1)]:
+        a, b, (ga,), (gb,) = run_both(x, t, **kw)
+        assert_close(a, b, tol_loss * 10, f"{isa} {kw.keys()}")
+        assert_close(ga, gb, tol_grad, f"{isa} {kw.keys()}")
+    y = torch.softmax(torch.randn(7, 3001), 1).to(dtype)
+    a, b, ga, gb = run_both(x.clamp_min(-100), y, grad_target=True, label_smoothing=0.1)
+    assert_close(a, b, tol_loss * 10)
+    assert_close(ga[0], gb[0], tol_grad)
+    assert_close(ga[1], gb[1], tol_grad * 100)
+
+
+def test_unknown_isa_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTCE_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="FASTCE_CPU_ISA=sse9"):
+        fastce.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.3), dict(reduction="none"),
+                                     dict(reduction="sum", ignore_index=1)], ids=str)
+def test_gradcheck_float64(device, options):
+    x = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.tensor([0, 1, 4, 2], device=device)
+    w = torch.rand(5, dtype=torch.float64, device=device) + 0.5
+    assert torch.autograd.gradcheck(lambda x: fastce.cross_entropy(x, t, weight=w, **options), (x,))
+    y = torch.softmax(torch.randn(4, 5, dtype=torch.float64, device=device), 1).requires_grad_()
+    opts = {k: v for k, v in options.items() if k != "ignore_index"}
+    assert torch.autograd.gradcheck(lambda x, y: fastce.cross_entropy(x, y, weight=w, **opts), (x, y))
+
+
+def test_double_backward_is_a_clear_error():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    loss = fastce.cross_entropy(x, torch.tensor([0, 1, 2]))
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
