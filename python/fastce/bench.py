@@ -175,7 +175,7 @@ class Timer:
         self.cuda = device == "cuda"
         self.repeats, self.budget_s = repeats, budget_s
         if self.cuda:
-            l2 = torch.cuda.get_device_properties(0).L2_cache_size
+            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
             self.flush_buf = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
 
     def _once(self, setup, step):
@@ -434,7 +434,7 @@ def machine_info(device, threads):
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                    l2_bytes=p.L2_cache_size, cuda=torch.version.cuda,
+                    l2_bytes=getattr(p, "L2_cache_size", None), cuda=torch.version.cuda,
                     fastce_cuda_kernels=fastce.has_cuda_kernels())
         try:
             info["driver"] = subprocess.run(
@@ -645,7 +645,11 @@ def parse_args(argv):
     for d in args.dtype_list:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    args.variant_list = VARIANTS if not args.variants else [BY_NAME[n] for n in args.variants.split(",")]
+    names = args.variants.split(",") if args.variants else list(BY_NAME)
+    for n in names:
+        if n not in BY_NAME:
+            p.error(f"unknown variant {n!r}; choose from {', '.join(BY_NAME)}")
+    args.variant_list = [BY_NAME[n] for n in names]
     args.repeats = args.repeats or (3 if args.quick else 7)
     return args
 
