@@ -49,9 +49,9 @@ def test_a_wrong_loss_is_flagged():
 
 def test_peak_memory_of_eager_and_fastce():
     # 256x8192 float32: 8 MiB of logits. torch eager keeps log-softmax, the NLL gradient and the
-    # softmax-backward output; fastce needs only the gradient.
+    # softmax-backward output; fastce needs only the gradient (the slack: 2 MiB huge pages).
     eager, fast = bench.BY_NAME["eager"], bench.BY_NAME["fastce"]
     mem = bench.measure_memory("cpu", [eager, fast], [(256, 8192, "float32")], 1)
     logits = 256 * 8192 * 4
     assert mem[(256, 8192, "float32", "eager")] >= 2 * logits
-    assert 0.9 * logits <= mem[(256, 8192, "float32", "fastce")] <= 1.2 * logits
+    assert 0.9 * logits <= mem[(256, 8192, "float32", "fastce")] <= 1.3 * logits
