@@ -1,0 +1,699 @@
+"""fastce's benchmark suite: ``python -m fastce.bench --help``.
+
+Times cross-entropy forward and forward+backward over a grid of shapes against torch eager,
+``torch.compile`` and, on CUDA, the peers that are installed; measures the device's bandwidth as
+the roofline; measures the peak memory of forward+backward per variant, each in its own process;
+prints a table and writes CSV, JSON and a PNG chart (when matplotlib is installed) to ``--out``.
+
+What is timed:
+- fwd: ``loss = ce(logits, target)`` with logits that do not require grad (evaluation).
+- fwd+bwd: ``ce(logits, target).backward()`` where the logits are a graph output (as an LM head's
+  are), up to the gradient with respect to them. For ``fastce inplace`` (``inplace_backward=True``,
+  which overwrites the logits with their gradient) the logits are a fresh copy made before the
+  timer starts: the copy stands for the LM head's output and is not timed.
+"""
+import argparse
+import csv
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastce
+
+CLASSIFIERS = [(64, 10), (512, 1000), (8192, 1000)]
+GRIDS = {
+    "quick": [(64, 10), (512, 1000), (256, 32000), (4, 262144)],
+    "cpu": CLASSIFIERS + [(512, 32000), (4096, 32000), (2048, 50257), (256, 128256), (1024, 128256),
+                          (1024, 151936), (4, 262144), (256, 262144)],
+    "cpu-full": CLASSIFIERS + [(n, 32000) for n in (512, 2048, 4096, 8192)]
+    + [(n, 50257) for n in (1024, 4096)] + [(n, 128256) for n in (256, 1024, 4096)]
+    + [(n, 151936) for n in (1024, 4096)] + [(n, 262144) for n in (4, 64, 1024)],
+    "cuda": CLASSIFIERS + [(n, v) for v in (32000, 128256, 262144) for n in (8, 1024, 4096, 16384)]
+    + [(4096, 50257), (4096, 151936), (4, 262144)],
+    # 32768 rows only up to 151936 classes: eager's fwd+bwd of 32768x262144 fp32 needs ~140 GB
+    "cuda-full": CLASSIFIERS + [(n, v) for v in (32000, 50257, 128256, 151936, 262144)
+                                for n in (4, 8, 1024, 4096, 16384, 32768) if n * v < 2**33],
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PASSES = ("fwd", "fwd+bwd")
+MAX_SAMPLES = 200
+CPU_MEMORY_MIN_BYTES = 8 << 20  # below this, resident-set noise swamps what is measured
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants: each `make()` returns `ce(logits, target) -> scalar loss`, or raises ImportError
+# (reported "n/a") or NotApplicable (reported with its reason).
+
+class NotApplicable(Exception):
+    pass
+
+
+def _mean(loss):
+    # Some peers return per-row losses; the mean is part of what a trainer pays.
+    return loss.mean() if loss.dim() else loss
+
+
+def _compiled():
+    torch._dynamo.reset()  # a fresh cache per case: static shapes, no recompile limit reached
+    return torch.compile(F.cross_entropy, dynamic=False)
+
+
+def _liger():
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+    return LigerCrossEntropyLoss()
+
+
+def _quack():
+    from quack.cross_entropy import cross_entropy
+    return lambda x, t: _mean(cross_entropy(x, t))
+
+
+def _flash_attn():
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+    def ce(x, t):
+        out = cross_entropy_loss(x, t)
+        return _mean(out[0] if isinstance(out, tuple) else out)
+    return ce
+
+
+def _apex():
+    from apex.contrib.xentropy import SoftmaxCrossEntropyLoss
+    # (logits, labels, smoothing, padding_idx, half_to_float)
+    return lambda x, t: _mean(SoftmaxCrossEntropyLoss.apply(x, t, 0.0, -100, False))
+
+
+def _cut_cross_entropy():
+    import cut_cross_entropy  # noqa: F401
+    raise NotApplicable("takes hidden states and the classifier, not logits: "
+                        "see benchmarks/bench_linear.py")
+
+
+class Variant:
+    def __init__(self, name, label, make, cuda_only=False, inplace=False, mutates_input=False):
+        self.name, self.label, self.make, self.cuda_only = name, label, make, cuda_only
+        # overwrites the logits with their gradient: fwd+bwd only, a fresh copy for every run
+        self.inplace = inplace
+        # writes into the logits whatever they hold: one copy for all its runs
+        self.mutates_input = mutates_input
+
+    def passes(self):
+        return PASSES[1:] if self.inplace else PASSES
+
+
+VARIANTS = [
+    Variant("eager", "torch eager", lambda: F.cross_entropy),
+    Variant("compile", "torch.compile", _compiled),
+    Variant("fastce", "fastce", lambda: fastce.cross_entropy),
+    Variant("fastce_inplace", "fastce inplace",
+            lambda: functools.partial(fastce.cross_entropy, inplace_backward=True), inplace=True),
+    # Liger computes the gradient in the forward pass and stores it in the logits.
+    Variant("liger", "Liger-Kernel", _liger, cuda_only=True, mutates_input=True),
+    Variant("quack", "quack", _quack, cuda_only=True),
+    Variant("flash_attn", "flash-attn", _flash_attn, cuda_only=True),
+    Variant("apex", "Apex xentropy", _apex, cuda_only=True),
+    Variant("cce", "Cut Cross-Entropy", _cut_cross_entropy, cuda_only=True),
+]
+BY_NAME = {v.name: v for v in VARIANTS}
+
+
+class _GraphOutput(torch.autograd.Function):
+    """Makes `data` a non-leaf graph output whose gradient is dropped: stands for an LM head.
+
+    The loss's backward then ends at the gradient with respect to the logits, for every variant
+    alike, and `inplace_backward` accepts the tensor (it refuses leaves)."""
+
+    @staticmethod
+    def forward(ctx, data, anchor):
+        return data
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def make_step(ce, logits, target, pass_, inplace):
+    """(setup, step): setup() prepares one run untimed, step() is the run that is timed."""
+    if pass_ == "fwd":
+        return (lambda: None), (lambda: ce(logits, target))
+    anchor = torch.zeros((), device=logits.device, requires_grad=True)
+    state = {}
+
+    def setup():
+        state["x"] = _GraphOutput.apply(logits.clone() if inplace else logits, anchor)
+
+    def step():
+        loss = ce(state.pop("x"), target)
+        loss.backward()
+        return loss
+    return setup, step
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+class Timer:
+    """Medians of repeated single runs: perf_counter on CPU, CUDA events on CUDA.
+
+    On CUDA the L2 cache is flushed before every run, so each run reads its inputs from memory."""
+
+    def __init__(self, device, repeats, budget_s):
+        self.cuda = device == "cuda"
+        self.repeats, self.budget_s = repeats, budget_s
+        if self.cuda:
+            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+            self.flush_buf = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
+
+    def _once(self, setup, step):
+        setup()
+        self.sync()
+        t0 = time.perf_counter()
+        out = step()
+        self.sync()
+        return time.perf_counter() - t0, out
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def run(self, setup, step):
+        """Returns (stats, output of the first run). The first run (compilation, JIT, lazy
+        initialization) is reported apart and never counted."""
+        first_s, out = self._once(setup, step)
+        est = min(self._once(setup, step)[0] for _ in range(2))
+        n = max(self.repeats, min(MAX_SAMPLES, int(self.budget_s / max(est, 1e-6))))
+        samples = []
+        if self.cuda:
+            events = []
+            for _ in range(n):
+                setup()
+                self.flush_buf.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                events.append((start, end))
+            torch.cuda.synchronize()
+            samples = [s.elapsed_time(e) / 1e3 for s, e in events]
+        else:
+            for _ in range(n):
+                setup()
+                t0 = time.perf_counter()
+                step()
+                samples.append(time.perf_counter() - t0)
+        q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+        stats = {"median_ms": statistics.median(samples) * 1e3, "q1_ms": q[0] * 1e3,
+                 "q3_ms": q[2] * 1e3, "min_ms": min(samples) * 1e3, "samples": len(samples),
+                 "first_call_s": first_s}
+        return stats, out
+
+
+def roofline(device, nbytes, timer):
+    """The device's bandwidths (GB/s, 1e9 bytes) on buffers far larger than the caches."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.zeros_like(src)  # touched: pages mapped
+
+    def gbps(moved, setup, step):
+        return moved / timer.run(setup, step)[0]["median_ms"] * 1e-6
+
+    none = lambda: None  # noqa: E731
+    roof = {"buffer_bytes": n * 4,
+            "read_gbps": gbps(n * 4, none, lambda: src.sum()),
+            "copy_gbps": gbps(2 * n * 4, none, lambda: dst.copy_(src))}
+    if device == "cpu":
+        held = []  # the fresh buffer is freed in the next setup, untimed
+        roof["fresh_write_gbps"] = gbps(n * 4, held.clear,
+                                        lambda: held.append(torch.empty(n).fill_(1.0)))
+    roof["exp_gelem_s"] = n / timer.run(none, lambda: torch.exp(src, out=dst))[0]["median_ms"] * 1e-6
+    return roof
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, measured in a child process per variant (CUDA) or per case (CPU)
+
+def _rss_hwm_bytes(reset=False):
+    """Peak resident set of this process. Uses /proc's resettable VmHWM: getrusage's ru_maxrss
+    cannot be reset and, in a child, starts at its parent's peak (it survives exec)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_extra_bytes(device, variant, rows, classes, dtype):
+    logits = torch.randn(rows, classes, dtype=DTYPES[dtype], device=device)
+    target = torch.randint(0, classes, (rows,), device=device)
+    setup, step = make_step(variant.make(), logits, target, "fwd+bwd", variant.inplace)
+    setup()
+    step()  # warm-up: compilation, lazy initialization
+    setup()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return max(torch.cuda.max_memory_allocated() - base, 0)
+    base = _rss_hwm_bytes(reset=True)
+    step()
+    return max(_rss_hwm_bytes() - base, 0)
+
+
+def memory_probe(spec):
+    """Child process: peak extra bytes of one fwd+bwd per case, over what exists before it
+    (the logits, the target). Prints one JSON line per case."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    for rows, classes, dtype in spec["cases"]:
+        try:
+            extra = _peak_extra_bytes(spec["device"], BY_NAME[spec["variant"]], rows, classes, dtype)
+        except Exception as e:  # e.g. out of memory: the next cases may still fit
+            extra = f"error: {type(e).__name__}: {e}"[:160]
+        print(json.dumps({"rows": rows, "classes": classes, "dtype": dtype,
+                          "peak_extra_bytes": extra}), flush=True)
+
+
+def measure_memory(device, variants, cases, threads):
+    """{(rows, classes, dtype, variant): peak extra bytes or an error string}."""
+    if device == "cpu":
+        cases = [c for c in cases if c[0] * c[1] * DTYPES[c[2]].itemsize >= CPU_MEMORY_MIN_BYTES]
+        # One process per case: freed memory need not leave the resident set.
+        jobs = [(v, [c]) for v in variants for c in cases]
+    else:
+        jobs = [(v, cases) for v in variants]  # the allocator's peak counter resets exactly
+    # A fixed mmap threshold makes glibc return every large free block to the system at once.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = {}
+    for i, (v, job_cases) in enumerate(jobs, 1):
+        label = f"{v.name} {job_cases[0][0]}x{job_cases[0][1]} {job_cases[0][2]}" \
+            if len(job_cases) == 1 else f"{v.name} ({len(job_cases)} cases)"
+        log(f"[memory {i}/{len(jobs)}] {label}")
+        spec = {"device": device, "variant": v.name, "cases": job_cases, "threads": threads}
+        proc = subprocess.run([sys.executable, "-m", "fastce.bench", "--memory-probe", json.dumps(spec)],
+                              capture_output=True, text=True, env=env)
+        for line in proc.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            out[(r["rows"], r["classes"], r["dtype"], v.name)] = r["peak_extra_bytes"]
+        if proc.returncode:
+            err = (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]
+            for c in job_cases:
+                out.setdefault((*c, v.name), "error: " + err)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+def loss_check(loss, reference, dtype):
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    got = float(loss.detach().float())
+    if math.isclose(got, reference, rel_tol=tol, abs_tol=tol):
+        return "ok"
+    return f"wrong loss {got:.6g} (torch {reference:.6g})"
+
+
+def available(variants, device):
+    """[(variant, None or the reason it is not run)]"""
+    out = []
+    for v in variants:
+        if v.cuda_only and device != "cuda":
+            out.append((v, "CUDA only"))
+            continue
+        try:
+            v.make()
+            out.append((v, None))
+        except ImportError:
+            out.append((v, "not installed"))
+        except NotApplicable as e:
+            out.append((v, str(e)))
+        except Exception as e:  # e.g. a peer built for another torch or Triton
+            out.append((v, f"unusable: {type(e).__name__}: {e}"[:160]))
+    return out
+
+
+def measure_cell(v, logits, target, pass_, timer, reference):
+    """One variant on one case: timing stats, GB/s and the loss check, or an error status."""
+    try:
+        data = logits.clone() if v.mutates_input else logits
+        stats, loss = timer.run(*make_step(v.make(), data, target, pass_, v.inplace))
+    except Exception as e:  # a peer failing on a shape must not stop the grid
+        log(f"error: {type(e).__name__}: {e}")
+        return {"status": f"error: {type(e).__name__}: {e}"[:200]}
+    first = stats["first_call_s"]
+    log(f"{stats['median_ms']:.3f} ms" + (f" (first call {first:.1f} s)" if first > 1 else ""))
+    return {**stats, "status": loss_check(loss, reference, logits.dtype)}
+
+
+def run_grid(args, variants, roof, timer):
+    results = []
+    total = sum(len(v.passes()) for v, why in variants if why is None) \
+        * len(args.shape_list) * len(args.dtype_list)
+    done, t_start = 0, time.perf_counter()
+    for rows, classes in args.shape_list:
+        for dname in args.dtype_list:
+            torch.manual_seed(0)
+            logits = torch.randn(rows, classes, device=args.device, dtype=DTYPES[dname])
+            target = torch.randint(0, classes, (rows,), device=args.device)
+            reference = float(F.cross_entropy(logits.float(), target))
+            nbytes = logits.numel() * logits.element_size()
+            for pass_ in PASSES:
+                traffic = nbytes if pass_ == "fwd" else 2 * nbytes
+                roof_gbps = roof["read_gbps"] if pass_ == "fwd" else roof["copy_gbps"]
+                floor_ms = traffic / roof_gbps * 1e-6
+                for v, why in variants:
+                    if pass_ not in v.passes():
+                        continue
+                    row = {"device": args.device, "rows": rows, "classes": classes, "dtype": dname,
+                           "pass": pass_, "variant": v.name, "logits_bytes": nbytes,
+                           "floor_ms": floor_ms}
+                    if why is not None:
+                        results.append({**row, "status": "n/a: " + why})
+                        continue
+                    done += 1
+                    print(f"[{done}/{total} {time.perf_counter() - t_start:.0f}s] {rows}x{classes} "
+                          f"{dname} {pass_} {v.label}: ", end="", file=sys.stderr, flush=True)
+                    row.update(measure_cell(v, logits, target, pass_, timer, reference))
+                    if "median_ms" in row:
+                        row["gbps"] = traffic / row["median_ms"] * 1e-6
+                        row["pct_of_roof"] = 100 * floor_ms / row["median_ms"]
+                    results.append(row)
+            del logits, target
+    return results
+
+
+def add_speedups(results):
+    """fastce's speedup over each variant: that variant's time / fastce's, same case."""
+    fastce_ms = {(r["rows"], r["classes"], r["dtype"], r["pass"]): r["median_ms"]
+                 for r in results if r["variant"] == "fastce" and "median_ms" in r}
+    for r in results:
+        base = fastce_ms.get((r["rows"], r["classes"], r["dtype"], r["pass"]))
+        if base and "median_ms" in r:
+            r["fastce_speedup"] = r["median_ms"] / base
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: machine, table, files, chart
+
+def machine_info(device, threads):
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": threads or torch.get_num_threads(), "cpu_isa": fastce.cpu_isa(),
+            "torch": torch.__version__, "fastce": fastce.__version__,
+            "python": platform.python_version(), "os": platform.platform(), "device": device}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                    l2_bytes=getattr(p, "L2_cache_size", None), cuda=torch.version.cuda,
+                    fastce_cuda_kernels=fastce.has_cuda_kernels())
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            info["driver"] = "unknown"
+    return info
+
+
+def print_header(report):
+    m, roof = report["machine"], report["roofline"]
+    keys = ["date", "cpu", "cores", "torch_threads", "cpu_isa", "torch", "fastce", "python", "device",
+            "gpu", "gpu_memory_gib", "cuda", "driver", "fastce_cuda_kernels"]
+    print("fastce benchmark  " + "  ".join(f"{k}={m[k]}" for k in keys if k in m))
+    line = (f"roofline ({roof['buffer_bytes'] / 2**20:.0f} MiB buffers): read {roof['read_gbps']:.1f} GB/s, "
+            f"copy (read+write) {roof['copy_gbps']:.1f} GB/s")
+    if "fresh_write_gbps" in roof:
+        line += f", write into fresh memory {roof['fresh_write_gbps']:.1f} GB/s (page faults)"
+    print(line + f", torch.exp {roof['exp_gelem_s']:.2f} Gelem/s")
+    print("floor = the fastest the device allows: fwd reads the logits once (read bandwidth); "
+          "fwd+bwd reads them once and writes the gradient once (copy bandwidth). "
+          "GB/s and %roof count those bytes.")
+
+
+def _fmt_ms(r):
+    if r is None:
+        return "-"
+    if "median_ms" in r:
+        return f"{r['median_ms']:.3f}" + ("" if r["status"] == "ok" else "!")
+    return "n/a" if r["status"].startswith("n/a") else "err"
+
+
+def _print_rows(header, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths))  # noqa: E731
+    print(line(header) + "\n" + "-" * len(line(header)))
+    for r in rows:
+        print(line(r))
+
+
+def _case(r):
+    return r["rows"], r["classes"], r["dtype"]
+
+
+def print_table(report):
+    results = report["results"]
+    by = {(*_case(r), r["pass"], r["variant"]): r for r in results}
+    shown = [v for v in VARIANTS if any(r["variant"] == v.name and "median_ms" in r for r in results)]
+    others = [v for v in shown if v.name not in ("fastce", "fastce_inplace")]
+    inplace = BY_NAME["fastce_inplace"] in shown
+    header = ["shape", "dtype", "pass"] + [f"{v.name} ms" for v in shown] + \
+        [f"x {v.name}" for v in others] + (["inplace x eager"] if inplace else []) + \
+        ["fastce GB/s", "%roof", "floor ms"]
+    table = []
+    for case in dict.fromkeys((*_case(r), r["pass"]) for r in results):
+        cells = [f"{case[0]}x{case[1]}", case[2], case[3]]
+        cells += [_fmt_ms(by.get((*case, v.name))) for v in shown]
+        for v in others:
+            s = by.get((*case, v.name), {}).get("fastce_speedup")
+            cells.append(f"{s:.2f}" if s else "-")
+        if inplace:
+            ip, eager = by.get((*case, "fastce_inplace"), {}), by.get((*case, "eager"), {})
+            ok = "median_ms" in ip and "median_ms" in eager
+            cells.append(f"{eager['median_ms'] / ip['median_ms']:.2f}" if ok else "-")
+        f = by.get((*case, "fastce"), {})
+        floor = next(r["floor_ms"] for k, r in by.items() if k[:4] == case)
+        cells += [f"{f['gbps']:.1f}" if "gbps" in f else "-",
+                  f"{f['pct_of_roof']:.0f}" if "gbps" in f else "-", f"{floor:.3f}"]
+        table.append(cells)
+    print("\ntimes in ms (medians); x V = fastce's speedup over V (V's time / fastce's); "
+          "! = loss differs from torch's")
+    _print_rows(header, table)
+    for p in sorted({f"{r['variant']}: {r['status']}" for r in results
+                     if r["status"] != "ok" and not r["status"].startswith("n/a")}):
+        print("  ! " + p)
+    missing = sorted({f"{BY_NAME[r['variant']].label}: {r['status'][5:]}" for r in results
+                      if r["status"].startswith("n/a")})
+    if missing:
+        print("not run: " + "; ".join(missing))
+    print("fwd+bwd is timed from logits that are a graph output (as an LM head's) to the gradient "
+          "w.r.t. them; fastce_inplace gets a fresh copy of the logits before the timer starts "
+          "(the copy stands for the LM head's output and is not timed).")
+
+    mem = [r for r in results if "peak_extra_bytes" in r]
+    if not mem:
+        return
+    names = [v.name for v in VARIANTS if any(r["variant"] == v.name for r in mem)]
+    mby = {(*_case(r), r["variant"]): r for r in mem}
+    table = []
+    for case in dict.fromkeys(_case(r) for r in mem):
+        cells = [f"{case[0]}x{case[1]}", case[2], f"{case[0] * case[1] * DTYPES[case[2]].itemsize / 1e6:.1f}"]
+        for n in names:
+            r = mby.get((*case, n))
+            cells.append("-" if r is None else f"{r['peak_extra_ratio']:.2f}x"
+                         if r["peak_extra_ratio"] is not None else "err")
+        table.append(cells)
+    how = "RSS high-water mark" if report["machine"]["device"] == "cpu" else "max_memory_allocated"
+    print(f"\npeak extra memory of fwd+bwd over the logits, as a multiple of the logits' size "
+          f"({how}; each variant in its own process)")
+    _print_rows(["shape", "dtype", "logits MB"] + names, table)
+
+
+CSV_FIELDS = ["device", "rows", "classes", "dtype", "pass", "variant", "status", "median_ms", "q1_ms",
+              "q3_ms", "min_ms", "samples", "first_call_s", "gbps", "pct_of_roof", "floor_ms",
+              "fastce_speedup", "logits_bytes", "peak_extra_bytes", "peak_extra_ratio"]
+
+
+def write_files(report, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(report["results"])
+    log(f"wrote {out}/results.csv and {out}/results.json")
+
+
+def draw_chart(report, path):
+    """Speedup bars per case (one panel per pass) and, when measured, the memory multiples."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    except ImportError:
+        log("matplotlib is not installed: no chart (pip install matplotlib, then "
+            f"python -m fastce.bench --replot {os.path.dirname(path) or '.'})")
+        return
+    results = report["results"]
+    panels = []
+    for pass_ in PASSES:
+        rows = [r for r in results if r["pass"] == pass_ and "median_ms" in r]
+        series = {f"fastce vs {v.label}": {_case(r): r["fastce_speedup"] for r in rows
+                                           if r["variant"] == v.name and "fastce_speedup" in r}
+                  for v in VARIANTS if v.name not in ("fastce", "fastce_inplace")}
+        eager = {_case(r): r["median_ms"] for r in rows if r["variant"] == "eager"}
+        series["fastce inplace vs torch eager"] = {
+            _case(r): eager[_case(r)] / r["median_ms"] for r in rows
+            if r["variant"] == "fastce_inplace" and _case(r) in eager}
+        panels.append((f"{pass_}: speedup (x, log scale)", True, series))
+    memory = {v.label: {_case(r): r["peak_extra_ratio"] for r in results
+                        if r["variant"] == v.name and r.get("peak_extra_ratio") is not None}
+              for v in VARIANTS}
+    panels.append(("fwd+bwd: peak extra memory / logits", False, memory))
+    panels = [(t, log_y, {k: s for k, s in series.items() if s}) for t, log_y, series in panels]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return
+    n_cases = max(len({c for s in p[2].values() for c in s}) for p in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.9 * n_cases + 2), 3.6 * len(panels)),
+                             squeeze=False)
+    for ax, (ylabel, log_y, series) in zip(axes[:, 0], panels):
+        cases = list(dict.fromkeys(c for s in series.values() for c in s))
+        width = 0.8 / len(series)
+        for i, (name, s) in enumerate(series.items()):
+            xs = [j + (i - (len(series) - 1) / 2) * width for j, c in enumerate(cases) if c in s]
+            bars = ax.bar(xs, [s[c] for c in cases if c in s], width, label=name)
+            ax.bar_label(bars, fmt="%.2g", fontsize=6)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([f"{r}x{c}\n{d}" for r, c, d in cases], fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.axhline(1.0, color="black", linewidth=0.8)  # parity; for memory: the gradient's size
+        if log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=7, ncol=3)
+        ax.grid(axis="y", alpha=0.3)
+    m = report["machine"]
+    axes[0, 0].set_title(f"fastce {m['fastce']} on {m.get('gpu', m['cpu'])}, "
+                         f"torch {m['torch']}, {m['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fastce.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small grid (about a minute on 2 cores)")
+    size.add_argument("--full", action="store_true", help="the large grid")
+    p.add_argument("--shapes", help="comma-separated ROWSxCLASSES, e.g. 4096x32000,4x262144")
+    p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16 "
+                   "(default float32,bfloat16; --quick: float32)")
+    p.add_argument("--variants", help="comma-separated subset of: " + ",".join(BY_NAME))
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--repeats", type=int, help="fewest timed runs per cell (default 7; --quick 3); "
+                   "fast cells run more, up to a time budget")
+    p.add_argument("--out", default="benchmarks/out", help="folder for results.csv/json and the chart")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--replot", metavar="DIR", help="print the table and draw the chart of DIR/results.json")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: the child process
+    args = p.parse_args(argv)
+    if args.shapes:
+        args.shape_list = [tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
+    else:
+        args.shape_list = GRIDS["quick" if args.quick else args.device + ("-full" if args.full else "")]
+    args.dtype_list = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
+    for d in args.dtype_list:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    names = args.variants.split(",") if args.variants else list(BY_NAME)
+    for n in names:
+        if n not in BY_NAME:
+            p.error(f"unknown variant {n!r}; choose from {', '.join(BY_NAME)}")
+    args.variant_list = [BY_NAME[n] for n in names]
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(json.loads(args.memory_probe))
+    if args.replot:
+        with open(os.path.join(args.replot, "results.json")) as f:
+            report = json.load(f)
+        print_header(report)
+        print_table(report)
+        return draw_chart(report, os.path.join(args.replot, "speedup.png"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"machine": machine_info(args.device, args.threads),
+              "config": {"argv": sys.argv[1:], "shapes": args.shape_list, "dtypes": args.dtype_list,
+                         "repeats": args.repeats}}
+    # time spent per cell beyond the fewest repeats: GPU timings are steadier
+    timer = Timer(args.device, args.repeats, 0.25 if args.quick else 0.3 if args.device == "cuda" else 1.0)
+    log("measuring the roofline")
+    big = 4 << 30 if args.device == "cuda" else (128 << 20 if args.quick else 512 << 20)
+    report["roofline"] = roofline(args.device, big, timer)
+    print_header(report)
+    variants = available(args.variant_list, args.device)
+    results = run_grid(args, variants, report["roofline"], timer)
+    add_speedups(results)
+    if not args.no_memory:
+        runnable = [v for v, why in variants if why is None]
+        cases = list(dict.fromkeys((r["rows"], r["classes"], r["dtype"]) for r in results))
+        mem = measure_memory(args.device, runnable, cases, args.threads)
+        for r in results:
+            extra = mem.get((r["rows"], r["classes"], r["dtype"], r["variant"]))
+            if r["pass"] == "fwd+bwd" and extra is not None:
+                r["peak_extra_bytes"] = extra
+                r["peak_extra_ratio"] = extra / r["logits_bytes"] if isinstance(extra, int) else None
+    report["results"] = results
+    print_table(report)
+    write_files(report, args.out)
+    draw_chart(report, os.path.join(args.out, "speedup.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The benchmark suite runs end to end and reports consistent numbers (it asserts no speed)."""
+import csv
+import json
+
+import pytest
+import torch
+
+from fastce import bench
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_grid_writes_consistent_results(tmp_path, capsys, keep_threads):
+    # one thread: on a busy machine a parallel region can wait milliseconds for its second core
+    bench.main(["--device", "cpu", "--quick", "--shapes", "8x16,3x1000", "--dtypes", "float32,bfloat16",
+                "--variants", "eager,fastce,liger", "--repeats", "2", "--threads", "1",
+                "--no-memory", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = report["results"]
+    # every (shape, dtype, pass) for eager and fastce, the CUDA-only peer reported, not run
+    timed = [r for r in rows if r["variant"] in ("eager", "fastce")]
+    assert len(timed) == 2 * 2 * 2 * 2
+    assert all(r["status"] == "ok" for r in timed), [r["status"] for r in timed]
+    assert {r["status"] for r in rows if r["variant"] == "liger"} == {"n/a: CUDA only"}
+    for r in timed:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["q3_ms"]
+        assert r["samples"] >= 2
+        moved = r["logits_bytes"] * (1 if r["pass"] == "fwd" else 2)
+        assert r["gbps"] == pytest.approx(moved / r["median_ms"] * 1e-6)
+        assert r["logits_bytes"] == r["rows"] * r["classes"] * (4 if r["dtype"] == "float32" else 2)
+    by = {(r["rows"], r["dtype"], r["pass"], r["variant"]): r for r in timed}
+    for (n, d, p, v), r in by.items():
+        assert r["fastce_speedup"] == pytest.approx(r["median_ms"] / by[(n, d, p, "fastce")]["median_ms"])
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    out = capsys.readouterr().out
+    assert "roofline" in out and report["machine"]["cpu_isa"] in out and "3x1000" in out
+
+
+def test_a_wrong_loss_is_flagged():
+    assert bench.loss_check(torch.tensor(2.0), 2.0, torch.float32) == "ok"
+    assert bench.loss_check(torch.tensor(2.1), 2.0, torch.float32).startswith("wrong loss")
+
+
+def test_peak_memory_of_eager_and_fastce():
+    # 256x8192 float32: 8 MiB of logits. torch eager keeps log-softmax, the NLL gradient and the
+    # softmax-backward output; fastce needs only the gradient (the slack: 2 MiB huge pages).
+    eager, fast = bench.BY_NAME["eager"], bench.BY_NAME["fastce"]
+    mem = bench.measure_memory("cpu", [eager, fast], [(256, 8192, "float32")], 1)
+    logits = 256 * 8192 * 4
+    assert mem[(256, 8192, "float32", "eager")] >= 2 * logits
+    assert 0.9 * logits <= mem[(256, 8192, "float32", "fastce")] <= 1.3 * logits
