@@ -247,14 +247,16 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       }
     }
     if (m == -std::numeric_limits<S>::infinity()) continue;  // nothing but -inf (or NaN)
+    // Pad the tail with -inf (exp gives 0) so the exponentials are all vector work.
+    const int64_t padded = (n + W - 1) / W * W;
+    for (int64_t i = n; i < padded; ++i) zbuf[i] = -std::numeric_limits<S>::infinity();
     R vs = splat(S(0));
-    for (int64_t i = 0; i < nv; i += W) {
+    for (int64_t i = 0; i < padded; i += W) {
       R z;
       std::memcpy(&z, zbuf + i, sizeof z);
       vs += vexp(z - m);
     }
-    S s = hsum(vs);
-    for (int64_t i = nv; i < n; ++i) s += sexp(zbuf[i] - m);
+    const S s = hsum(vs);
     PieceStats block;
     block.max = m;
     block.sumexp = s;
@@ -282,33 +284,38 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   const bool has_target = k.target >= begin && k.target < end;
   const S x_target = has_target ? S(load1(x + k.target)) : S(0);
 
-  auto one = [&](int64_t c, S xc, S extra) {
-    S slope;
-    const S z = tf.template z1_and_slope<Cap>(xc, slope);
-    const S p = sexp(z - lse);
-    const S wc = HasW ? w[c] : S(1);
-    const S sub = HasY ? cw + cwy * S(load1(y + c)) : cw;
-    store1(gx + c, (p * cp - wc * sub - extra) * slope);
-    if constexpr (GradY) store1(gy + c, cgy * wc * (lse - z));
+  // One vector of W classes starting at class c; the tail goes through padded copies.
+  auto step = [&](const T* xp, const T* yp, const S* wp, T* gxp, T* gyp) {
+    R slope;
+    const R z = tf.template z_and_slope<Cap>(loadv(xp), slope);
+    const R p = vexp(z - lse);
+    const R sub = HasY ? cw + cwy * loadv(yp) : splat(cw);
+    const R g = p * cp - (HasW ? loadw(wp) * sub : sub);
+    storev(gxp, g * slope);
+    if constexpr (GradY) storev(gyp, cgy * (HasW ? loadw(wp) : splat(S(1))) * (lse - z));
   };
-
   const int64_t n = end - begin;
   const int64_t nv = n - n % W;
-  for (int64_t i = 0; i < nv; i += W) {
-    const int64_t c = begin + i;
-    R slope;
-    const R z = tf.template z_and_slope<Cap>(loadv(x + c), slope);
-    const R p = vexp(z - lse);
-    const R sub = HasY ? cw + cwy * loadv(y + c) : splat(cw);
-    R g = p * cp - (HasW ? loadw(w + c) * sub : sub);
-    storev(gx + c, g * slope);
-    if constexpr (GradY) {
-      const R wc = HasW ? loadw(w + c) : splat(S(1));
-      storev(gy + c, cgy * wc * (lse - z));
-    }
+  for (int64_t c = begin; c < begin + nv; c += W)
+    step(x + c, HasY ? y + c : nullptr, HasW ? w + c : nullptr, gx + c, GradY ? gy + c : nullptr);
+  if (const int64_t tail = n - nv; tail > 0) {
+    const int64_t c = begin + nv;
+    T xt[W] = {}, yt[W] = {}, gxt[W], gyt[W];
+    S wt[W] = {};
+    std::memcpy(xt, x + c, tail * sizeof(T));
+    if (HasY) std::memcpy(yt, y + c, tail * sizeof(T));
+    if (HasW) std::memcpy(wt, w + c, tail * sizeof(S));
+    step(xt, yt, wt, gxt, gyt);
+    std::memcpy(gx + c, gxt, tail * sizeof(T));
+    if (GradY) std::memcpy(gy + c, gyt, tail * sizeof(T));
   }
-  for (int64_t c = begin + nv; c < end; ++c) one(c, S(load1(x + c)), S(0));
-  if (has_target) one(k.target, x_target, S(k.coef_target));
+  if (has_target) {  // the target class also loses coef_target (before the slope)
+    S slope;
+    const S z = tf.template z1_and_slope<Cap>(x_target, slope);
+    const S wt = HasW ? w[k.target] : S(1);
+    const S sub = HasY ? cw + cwy * S(load1(y + k.target)) : cw;
+    store1(gx + k.target, (sexp(z - lse) * cp - wt * sub - S(k.coef_target)) * slope);
+  }
 }
 
 template <class T>
