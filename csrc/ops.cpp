@@ -26,9 +26,10 @@ std::string cpu_isa() {
 }
 
 TORCH_LIBRARY(fastce, m) {
-  // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float32 (float64 for
-  // float64 input) log-sum-exp of each row's transformed logits; total_weight: the
-  // mean's divisor. reduction: 0 none, 1 mean, 2 sum (torch's enum).
+  // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float64 log-sum-exp of
+  // each row's transformed logits (float64 keeps z - lse exact for large logits);
+  // total_weight: the mean's divisor (float32, float64 for float64 input).
+  // reduction: 0 none, 1 mean, 2 sum (torch's enum).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float logit_scale, float? softcap, "

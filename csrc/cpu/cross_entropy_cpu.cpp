@@ -209,8 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
       double ce;
       if (p.prob) {
         // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
-        const double wy = (1.0 - eps) * st.sum_wy + (eps > 0 ? eps / C * rows.weight_sum : 0.0);
-        const double wyz = (1.0 - eps) * st.sum_wyz + (eps > 0 ? eps / C * st.sum_wz : 0.0);
+        // (terms whose factor is 0 are left out: 0 * inf would be NaN)
+        const double wy = (eps < 1 ? (1.0 - eps) * st.sum_wy : 0.0) + (eps > 0 ? eps / C * rows.weight_sum : 0.0);
+        const double wyz = (eps < 1 ? (1.0 - eps) * st.sum_wyz : 0.0) + (eps > 0 ? eps / C * st.sum_wz : 0.0);
         ce = l * wy - wyz;
       } else {
         const double w_t = rows.row_weight[r];
@@ -230,11 +231,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     loss_out = rows_tensor(loss, p.row_shape, dtype);
     zloss_out = rows_tensor(zloss, p.row_shape, dtype);
   } else {
+    // torch's mean is (weighted sum) / (total weight); with nothing to average it is 0/0 = NaN
     const double div = reduction == kMean ? rows.total_weight : 1.0;
-    loss_out = rows_tensor({ordered_sum(loss) / div}, {}, dtype);
-    zloss_out = rows_tensor({ordered_sum(zloss) / div}, {}, dtype);
+    const double nan_if_empty = reduction == kMean && rows.total_weight == 0.0 ? NAN : 0.0;
+    loss_out = rows_tensor({ordered_sum(loss) / div + nan_if_empty}, {}, dtype);
+    zloss_out = rows_tensor({ordered_sum(zloss) / div + nan_if_empty}, {}, dtype);
   }
-  return {loss_out, zloss_out, rows_tensor(lse, p.row_shape, p.acc_type),
+  return {loss_out, zloss_out, rows_tensor(lse, p.row_shape, at::kDouble),
           rows_tensor({rows.total_weight}, {}, p.acc_type)};
 }
 

@@ -278,7 +278,9 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   constexpr int W = Acc<T>::W;
   const S* w = static_cast<const S*>(cfg.weight);
   const Transform<S> tf(cfg);
-  const S lse = S(k.lse), cp = S(k.coef_p), cw = S(k.coef_w), cwy = S(k.coef_wy), cgy = S(k.coef_grad_y);
+  // lse = lse_hi + lse_lo: z - lse stays exact for large logits (rows around 1e4) in float.
+  const S lse_hi = S(k.lse), lse_lo = S(k.lse - double(lse_hi));
+  const S cp = S(k.coef_p), cw = S(k.coef_w), cwy = S(k.coef_wy), cgy = S(k.coef_grad_y);
 
   // gx may alias x (in-place backward): read the target's logit before it is overwritten.
   const bool has_target = k.target >= begin && k.target < end;
@@ -288,11 +290,11 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   auto step = [&](const T* xp, const T* yp, const S* wp, T* gxp, T* gyp) {
     R slope;
     const R z = tf.template z_and_slope<Cap>(loadv(xp), slope);
-    const R p = vexp(z - lse);
+    const R p = vexp((z - lse_hi) - lse_lo);
     const R sub = HasY ? cw + cwy * loadv(yp) : splat(cw);
     const R g = p * cp - (HasW ? loadw(wp) * sub : sub);
     storev(gxp, g * slope);
-    if constexpr (GradY) storev(gyp, cgy * (HasW ? loadw(wp) : splat(S(1))) * (lse - z));
+    if constexpr (GradY) storev(gyp, cgy * (HasW ? loadw(wp) : splat(S(1))) * ((lse_hi - z) + lse_lo));
   };
   const int64_t n = end - begin;
   const int64_t nv = n - n % W;
@@ -314,7 +316,7 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
     const S z = tf.template z1_and_slope<Cap>(x_target, slope);
     const S wt = HasW ? w[k.target] : S(1);
     const S sub = HasY ? cw + cwy * S(load1(y + k.target)) : cw;
-    store1(gx + k.target, (sexp(z - lse) * cp - wt * sub - S(k.coef_target)) * slope);
+    store1(gx + k.target, (sexp((z - lse_hi) - lse_lo) * cp - wt * sub - S(k.coef_target)) * slope);
   }
 }
 

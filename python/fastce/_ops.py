@@ -19,14 +19,25 @@ def _acc_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def _check_devices(*tensors):
+    # The real kernels check this too; without it a meta tensor mixed with a real one would
+    # silently dispatch here.
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        a, b = sorted(devices, key=str)[:2]
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                           f"devices, {a} and {b}!")
+
+
 @torch.library.register_fake("fastce::cross_entropy_forward")
 def _forward_fake(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
                   softcap, lse_square_scale, inplace_backward):
+    _check_devices(input, target, weight)
     rows = _row_shape(input)
     loss_shape = rows if reduction == 0 else ()
     acc = _acc_dtype(input)
     return (input.new_empty(loss_shape), input.new_empty(loss_shape),
-            input.new_empty(rows, dtype=acc), input.new_empty((), dtype=acc))
+            input.new_empty(rows, dtype=torch.float64), input.new_empty((), dtype=acc))
 
 
 @torch.library.register_fake("fastce::cross_entropy_backward")
@@ -70,7 +81,8 @@ def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):
     if grad_loss is None:
         grad_loss = torch.zeros_like(grad_z_loss)
     grad_target = None
-    if ctx.inplace_backward and not _tracing(input):
+    # With create_graph=True the gradient must not be the logits tensor itself.
+    if ctx.inplace_backward and not torch.is_grad_enabled() and not _tracing(input):
         ops.cross_entropy_backward_inplace(grad_loss, grad_z_loss, input, target, weight, lse,
                                            total_weight, *ctx.options)
         # The logits now hold their gradient: make autograd reject any later use of them.
