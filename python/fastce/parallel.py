@@ -72,8 +72,16 @@ torch.library.register_autograd("fastce::vocab_parallel_backward", _no_double_ba
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+_REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+
+
 def _all_reduce(t: Tensor, op: str, group) -> Tensor:
-    return funcol.wait_tensor(funcol.all_reduce(t, op, group))
+    """All-reduces a fresh tensor: traceably under torch.compile; in eager mode in place,
+    which spares the functional collectives' Python dispatch (and their import of dynamo)."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_reduce(t, op, group))
+    dist.all_reduce(t, op=_REDUCE_OPS[op], group=group)
+    return t
 
 
 def _target_logit(logits, target, shard_start, ignore_index, logit_scale, softcap, acc):
