@@ -127,6 +127,10 @@ def vocab_parallel_cross_entropy(
     reduction_enum = _reduction_enum(reduction)
     if target.is_floating_point():
         raise ValueError("vocab_parallel_cross_entropy takes class indices as target, not probabilities")
+    shard_classes = logits.shape[0 if logits.dim() == 1 else 1] if logits.dim() else 0
+    if logits.dtype != torch.float64 and shard_classes > _MAX_FLOAT32_SHARD:
+        raise ValueError(f"vocab_parallel_cross_entropy: a shard holds at most {_MAX_FLOAT32_SHARD} "
+                         f"classes for {logits.dtype} logits, got {shard_classes}")
     group = dist.group.WORLD if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     softcap = None if softcap is None else float(softcap)
@@ -134,10 +138,6 @@ def vocab_parallel_cross_entropy(
 
     lse, sum_z = ops.vocab_parallel_stats(logits.detach(), target, ignore_index, logit_scale, softcap)
     acc = lse.dtype
-    shard_classes = logits.shape[0 if logits.dim() == 1 else 1]
-    if acc == torch.float32 and shard_classes > _MAX_FLOAT32_SHARD:
-        raise ValueError(f"vocab_parallel_cross_entropy: a shard holds at most {_MAX_FLOAT32_SHARD} "
-                         f"classes for {logits.dtype} logits, got {shard_classes}")
 
     # Exchange 1 (max): the row maxima of the shard lse, and every shard's size.
     sizes = torch.zeros(world, dtype=acc, device=logits.device)
