@@ -205,11 +205,10 @@ at::Tensor backward_generic(const at::Tensor& grad, const at::Tensor& logits, co
 
 // The per-row loss from the statistics of the whole vocabulary; the logits only
 // carry the gradient (see vocab_parallel_backward).
-at::Tensor loss_generic(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& shard_start,
-                        const at::Tensor& num_classes, const at::Tensor& lse, const at::Tensor& target_logit,
+at::Tensor loss_generic(const at::Tensor& logits, const at::Tensor& target,
+                        const at::Tensor& /*shard_start*/, const at::Tensor& num_classes, const at::Tensor& lse, const at::Tensor& target_logit,
                         const at::Tensor& sum_z, int64_t ignore_index, double label_smoothing,
                         double logit_scale, std::optional<double> softcap, double lse_square_scale) {
-  (void)shard_start;
   const Options opt = shard_options(ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale);
   const Problem p = prepare_shard(logits, target, opt);
   const at::Tensor valid = p.target != ignore_index;
