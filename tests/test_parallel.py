@@ -1,0 +1,322 @@
+"""fastce.vocab_parallel_cross_entropy on 2 and 3 gloo ranks against single-process torch.
+
+Spawning ranks costs seconds (each imports torch), so one spawn per world size runs every
+case; each rank compares its loss and its shard's gradient with the float64 reference on
+the full logits and rank 0 writes one verdict per case, which the parametrized tests read.
+"""
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastce.parallel import vocab_parallel_cross_entropy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference import reference_cross_entropy  # noqa: E402
+
+TIMEOUT_S = 60
+SHARDS = {2: [37, 26], 3: [17, 0, 30]}  # uneven; one rank of three holds no class
+
+OPTIONS = {
+    "plain": {},
+    "ignore": {"ignore_index": -100},
+    "ignore_class": {"ignore_index": 5},
+    "smooth": {"label_smoothing": 0.1, "ignore_index": -100},
+    "scale_softcap": {"logit_scale": 0.7, "softcap": 4.0},
+    "llm": {"label_smoothing": 0.05, "logit_scale": 1.3, "softcap": 5.0, "lse_square_scale": 1e-3,
+            "ignore_index": -100},
+}
+SHAPES = {"2d": (6,), "1d": (), "kdim": (3, 2)}  # row shapes: logits are (N, C, d...) / (C,)
+
+
+def _cases():
+    cases = {}
+    for opt in OPTIONS:
+        for shape in SHAPES:
+            for reduction in ("none", "mean", "sum"):
+                cases[f"{opt}-{shape}-{reduction}"] = (opt, shape, reduction, torch.float32)
+    cases["llm-2d-mean-float64"] = ("llm", "2d", "mean", torch.float64)
+    cases["llm-2d-none-bfloat16"] = ("llm", "2d", "none", torch.bfloat16)
+    cases["smooth-2d-mean-float16"] = ("smooth", "2d", "mean", torch.float16)
+    return cases
+
+
+CASES = _cases()
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _assert_close(actual, expected, tol, what):
+    # torch.testing.assert_close imports torch.distributed.tensor once dist is up (seconds).
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    if not torch.allclose(actual, expected, rtol=tol, atol=tol, equal_nan=True):
+        diff = (actual - expected).abs().nan_to_num(float("inf")).max().item()
+        raise AssertionError(f"{what} differs from torch: max abs diff {diff:.3g} > {tol:g}")
+
+
+def _full_problem(seed, shape, option, dtype, classes):
+    """The same full logits and targets on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = SHAPES[shape]
+    full_shape = (rows[0], classes, *rows[1:]) if rows else (classes,)
+    logits = (torch.randn(full_shape, generator=gen) * 3).to(dtype)
+    target = torch.randint(0, classes, rows, generator=gen)
+    ignore = OPTIONS[option].get("ignore_index")
+    if ignore is not None and rows:
+        target = torch.where(torch.rand(rows, generator=gen) < 0.3, ignore, target)
+    return logits, target
+
+
+def _check_case(name, rank, shards, group):
+    option, shape, reduction, dtype = CASES[name]
+    opts = OPTIONS[option]
+    logits, target = _full_problem(list(CASES).index(name), shape, option, dtype, sum(shards))
+    class_dim = 0 if logits.dim() == 1 else 1
+    start = sum(shards[:rank])
+    shard = logits.narrow(class_dim, start, shards[rank]).clone().requires_grad_()
+
+    loss = vocab_parallel_cross_entropy(shard, target, group=group, reduction=reduction, **opts)
+    x64 = logits.double().requires_grad_()
+    ref = reference_cross_entropy(x64, target, reduction=reduction, **opts)
+    grad_out = torch.rand(ref.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    # A scalar backward: an explicit grad tensor would import sympy in every rank (seconds).
+    (loss.double() * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    # Every rank returns bitwise the same loss (gathered before any assert can skip it).
+    losses = [None] * dist.get_world_size(group)
+    dist.all_gather_object(losses, loss.detach(), group=group)
+
+    tol = TOL[dtype]
+    assert loss.dtype == dtype, loss.dtype
+    _assert_close(loss, ref, tol, "loss")
+    _assert_close(shard.grad, x64.grad.narrow(class_dim, start, shards[rank]), tol, "gradient")
+    assert all(torch.equal(loss.detach().nan_to_num(), other.nan_to_num()) for other in losses)
+
+
+def _check_errors(rank, shards):
+    classes = sum(shards)
+    shard = torch.randn(4, shards[rank])
+    for target, exc, message in [
+        (torch.tensor([0, classes, 1, 2]), IndexError, f"Target {classes} is out of bounds"),
+        (torch.tensor([0, -3, 1, 2]), IndexError, "Target -3 is out of bounds"),
+        (torch.tensor([0, 1, 2]), ValueError, "batch_size"),
+    ]:
+        with pytest.raises(exc, match=message):
+            vocab_parallel_cross_entropy(shard, target)
+
+
+def _check_all_ignored(rank, shards):
+    shard = torch.randn(3, shards[rank], requires_grad=True)
+    target = torch.full((3,), -100)
+    loss = vocab_parallel_cross_entropy(shard, target)
+    loss.backward()
+    assert torch.isnan(loss) and torch.equal(shard.grad, torch.zeros_like(shard))
+
+
+def _check_long_rows(rank, world):
+    """Shards longer than one CPU task (32768 classes) are split into pieces."""
+    shards = [40000 + 1000 * r for r in range(world)]
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, sum(shards), generator=gen)
+    target = torch.tensor([5, sum(shards) - 1])
+    start = sum(shards[:rank])
+    shard = logits[:, start:start + shards[rank]].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1)
+    loss.backward()
+    x = logits.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x, target, label_smoothing=0.1)
+    ref.backward()
+    _assert_close(loss, ref, 1e-5, "loss")
+    _assert_close(shard.grad, x.grad[:, start:start + shards[rank]], 1e-6, "gradient")
+
+
+def _check_subgroup(rank, world):
+    """group=: ranks 0 and 2 of three split the vocabulary; rank 1 stays out."""
+    group = dist.new_group([0, 2])
+    if rank == 1:
+        return
+    _check_case("llm-2d-none", {0: 0, 2: 1}[rank], [29, 31], group)
+
+
+# torch.compile costs ~20 s per rank on a small CPU: opt in with FASTCE_TEST_COMPILE=1.
+TEST_COMPILE = os.environ.get("FASTCE_TEST_COMPILE", "0") == "1"
+
+
+def _check_compile(rank, shards):
+    """A tensor-parallel LM head compiles into one graph (functional collectives) and
+    gives the eager loss and gradient."""
+    classes, start = sum(shards), sum(shards[:rank])
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, classes, generator=gen)[:, start:start + shards[rank]].clone()
+    hidden, target = torch.randn(8, 16, generator=gen), torch.randint(0, classes, (8,), generator=gen)
+    target[2] = -100
+
+    def head(hidden, weight):
+        return vocab_parallel_cross_entropy(hidden @ weight, target, label_smoothing=0.1, softcap=5.0,
+                                            lse_square_scale=1e-3)
+
+    results = []
+    for fn in (head, torch.compile(head, fullgraph=True)):
+        w = weight.clone().requires_grad_()
+        loss = fn(hidden, w)
+        loss.backward()
+        results.append((loss.detach(), w.grad))
+    _assert_close(results[1][0], results[0][0], 1e-6, "compiled loss")
+    _assert_close(results[1][1], results[0][1], 1e-6, "compiled gradient")
+
+
+def _worker(rank, world, port, out_path):
+    torch.set_num_threads(1)
+    # A collective that another rank skipped (after a failure) times out instead of hanging.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))
+    shards = SHARDS[world]
+    checks = {name: (lambda n=name: _check_case(n, rank, shards, None)) for name in CASES}
+    checks["errors"] = lambda: _check_errors(rank, shards)
+    checks["all_ignored"] = lambda: _check_all_ignored(rank, shards)
+    checks["long_rows"] = lambda: _check_long_rows(rank, world)
+    if TEST_COMPILE and world == 2:
+        checks["compile"] = lambda: _check_compile(rank, shards)
+    if world == 3:
+        checks["subgroup"] = lambda: _check_subgroup(rank, world)
+    verdicts = {}
+    for name, check in checks.items():
+        try:
+            check()
+            verdicts[name] = None
+        except Exception:  # one case's failure must not stop the others (or hang the ranks)
+            verdicts[name] = f"rank {rank}: {traceback.format_exc()}"
+        dist.barrier()  # a failed case may have skipped a collective: resynchronize
+    gathered = [None] * world
+    dist.all_gather_object(gathered, verdicts)
+    if rank == 0:
+        merged = {name: "\n".join(v[name] for v in gathered if v.get(name)) or None for name in checks}
+        with open(out_path, "w") as f:
+            json.dump(merged, f)
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world, *args, timeout=TIMEOUT_S):
+    """Runs fn(rank, world, port, *args) on `world` processes; a rank that raises or a run
+    that outlives `timeout` fails the calling test (the other ranks are killed)."""
+    ctx = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks did not finish within {timeout} s")
+
+
+_VERDICTS = {}
+
+
+def verdicts(world, tmp_path_factory):
+    """{case: None or the failure}, or the harness's failure as a string; computed once."""
+    if world not in _VERDICTS:
+        out = tmp_path_factory.mktemp(f"world{world}") / "verdicts.json"
+        try:
+            run_ranks(_worker, world, str(out))
+            _VERDICTS[world] = json.loads(out.read_text())
+        except (Exception, pytest.fail.Exception) as e:  # every case fails at once, no respawn
+            _VERDICTS[world] = f"the {world} ranks failed: {e}"
+    return _VERDICTS[world]
+
+
+EXTRA = ["errors", "all_ignored", "long_rows"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", list(CASES) + EXTRA + ["subgroup", "compile"])
+def test_matches_single_process(world, case, tmp_path_factory):
+    if case == "subgroup" and world == 2:
+        pytest.skip("needs three ranks")
+    if case == "compile" and world == 3:
+        pytest.skip("two ranks are enough to check torch.compile")
+    if case == "compile" and not TEST_COMPILE:
+        pytest.skip("set FASTCE_TEST_COMPILE=1 to check torch.compile (about 20 s more)")
+    verdict = verdicts(world, tmp_path_factory)
+    assert not isinstance(verdict, str), verdict
+    assert case in verdict, f"rank 0 reported no verdict for {case}"
+    assert verdict[case] is None, verdict[case]
+
+
+def _failing_worker(rank, world, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    dist.barrier()  # rank 0 would wait here forever without the harness
+
+
+def test_failing_rank_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+        run_ranks(_failing_worker, 2)
+    assert time.monotonic() - start < TIMEOUT_S
+
+
+# ---- one process ------------------------------------------------------------------
+
+def test_argument_errors_before_any_collective():
+    target = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        vocab_parallel_cross_entropy(torch.randn(2, 5), target, reduction="avg")
+    with pytest.raises(ValueError, match="class indices"):
+        vocab_parallel_cross_entropy(torch.randn(2, 5), torch.rand(2, 5))
+    # float32 carries the shard sizes exactly up to 2**24 (the memory is never touched)
+    with pytest.raises(ValueError, match="at most 16777216 classes"):
+        vocab_parallel_cross_entropy(torch.empty(2, 2**24 + 1), target)
+
+
+def _op_samples():
+    gen = torch.Generator().manual_seed(0)
+    for dtype, softcap in ((torch.float32, None), (torch.float64, 3.0), (torch.bfloat16, 3.0)):
+        x = torch.randn(5, 11, generator=gen).to(dtype)
+        t = torch.tensor([0, 20, -100, 12, 3])  # in this shard [10, 21) or not, or ignored
+        start, classes = torch.tensor(10), torch.tensor(30)
+        yield x, t, start, classes, softcap
+
+
+def _all_op_args(x, t, start, classes, softcap, requires_grad):
+    lse, sum_z = torch.ops.fastce.vocab_parallel_stats(x, t, -100, 0.8, softcap)
+    z_t = torch.randn(lse.shape, dtype=lse.dtype)
+    stats = (x, t, -100, 0.8, softcap)
+    loss = (x.clone().requires_grad_(requires_grad), t, start, classes, lse, z_t, sum_z, -100, 0.1,
+            0.8, softcap, 1e-3)
+    grad = torch.rand(lse.shape, dtype=lse.dtype)
+    backward = (grad, x, t, start, classes, lse, -100, 0.1, 0.8, softcap, 1e-3)
+    return {"stats": stats, "loss": loss, "backward": backward}
+
+
+def test_opcheck():
+    for sample in _op_samples():
+        args = _all_op_args(*sample, requires_grad=True)
+        for name, op_args in args.items():
+            torch.library.opcheck(getattr(torch.ops.fastce, f"vocab_parallel_{name}"), op_args)
+
+
+def test_cpu_kernels_match_generic():
+    """The CPU row kernels and the ATen version (used on other devices) agree."""
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    for sample in _op_samples():
+        args = _all_op_args(*sample, requires_grad=False)
+        for name in ("stats", "backward"):
+            op = getattr(torch.ops.fastce, f"vocab_parallel_{name}").default
+            tol = 2e-2 if sample[0].dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(op(*args[name]), op.redispatch(composite, *args[name]),
+                                       rtol=tol, atol=tol)
