@@ -21,15 +21,11 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/row_kernels.h"
+#include "cpu/driver.h"
 #include "cross_entropy.h"
 
 namespace fastce {
 namespace {
-
-// Same task sizes as the single-device CPU driver (cpu/cross_entropy_cpu.cpp).
-constexpr int64_t kPiece = 32768;
-constexpr int64_t kMinChunk = 16384;
 
 // Validates like cross_entropy does, and rejects probability targets.
 Problem prepare_shard(const at::Tensor& logits, const at::Tensor& target, const Options& opt) {
@@ -61,41 +57,14 @@ at::Tensor transform(const at::Tensor& x, const Options& opt, at::Tensor* slope 
 
 // ---- CPU: the SIMD row kernels --------------------------------------------------
 
-const cpu::RowKernels& cpu_kernels() {
-  const char* requested = std::getenv("FASTCE_CPU_ISA");
-  const cpu::RowKernels* k = cpu::select_kernels(requested);
-  TORCH_CHECK(k != nullptr, "FASTCE_CPU_ISA=", requested,
-              " is not one of 'generic', 'avx2', 'avx512' supported by this CPU");
-  return *k;
-}
-
 cpu::RowConfig row_config(const Problem& p, const Options& opt) {
   cpu::RowConfig cfg{};
-  switch (p.logits.scalar_type()) {
-    case at::kDouble: cfg.dtype = cpu::Dtype::Float64; break;
-    case at::kBFloat16: cfg.dtype = cpu::Dtype::BFloat16; break;
-    case at::kHalf: cfg.dtype = cpu::Dtype::Float16; break;
-    default: cfg.dtype = cpu::Dtype::Float32; break;
-  }
+  cfg.dtype = cpu::kernel_dtype(p.logits.scalar_type());
   cfg.num_classes = p.classes;
   cfg.logit_scale = opt.logit_scale;
   cfg.softcap = opt.softcap;
   cfg.weight = nullptr;
   return cfg;
-}
-
-// Runs f(task, row, begin, end) over (row, piece) tasks; pieces have a fixed size so
-// every sum is done in the same order whatever the thread count.
-template <class F>
-void for_each_piece(const Problem& p, F&& f) {
-  const int64_t np = std::max<int64_t>(1, (p.classes + kPiece - 1) / kPiece);
-  const int64_t grain = std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, std::min(p.classes, kPiece)));
-  at::parallel_for(0, p.rows * np, grain, [&](int64_t b, int64_t e) {
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t r = task / np, begin = (task % np) * kPiece;
-      f(task, r, begin, std::min(p.classes, begin + kPiece));
-    }
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& logits, const at::Tensor& target,
@@ -104,14 +73,14 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& logits, const at:
   const Options opt = shard_options(ignore_index, 0.0, logit_scale, softcap, 0.0);
   const Problem p = prepare_shard(logits, target, opt);
   const cpu::RowConfig cfg = row_config(p, opt);
-  const cpu::RowKernels& k = cpu_kernels();
-  const int64_t np = std::max<int64_t>(1, (p.classes + kPiece - 1) / kPiece);
+  const cpu::RowKernels& k = cpu::kernels();
+  const int64_t np = cpu::pieces_per_row(p.classes);
   const int64_t* t = p.target.data_ptr<int64_t>();
   const char* x = static_cast<const char*>(p.logits.data_ptr());
   const int64_t x_stride = p.logits.stride(0) * p.logits.element_size();
 
   std::vector<cpu::PieceStats> pieces(p.rows * np);
-  for_each_piece(p, [&](int64_t task, int64_t r, int64_t begin, int64_t end) {
+  cpu::for_each_piece(p.rows, p.classes, [&](int64_t task, int64_t r, int64_t begin, int64_t end) {
     if (t[r] != ignore_index) k.piece_stats(cfg, x + r * x_stride, nullptr, begin, end, &pieces[task]);
   });
   at::Tensor lse = at::zeros({p.rows}, at::kDouble), sum_z = at::zeros({p.rows}, at::kDouble);
@@ -135,7 +104,7 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
   const Options opt = shard_options(ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale);
   const Problem p = prepare_shard(logits, target, opt);
   const cpu::RowConfig cfg = row_config(p, opt);
-  const cpu::RowKernels& k = cpu_kernels();
+  const cpu::RowKernels& k = cpu::kernels();
   const int64_t start = shard_start.item<int64_t>();
   const double eps = label_smoothing, C = num_classes.item<double>(), s = lse_square_scale;
   const at::Tensor g_d = grad.to(at::kDouble).contiguous().reshape({-1});
@@ -149,7 +118,7 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
   at::Tensor gx2d = at::empty({p.rows, p.classes}, logits.options());
   const int64_t elem = gx2d.element_size();
   char* gx = static_cast<char*>(gx2d.data_ptr());
-  for_each_piece(p, [&](int64_t, int64_t r, int64_t begin, int64_t end) {
+  cpu::for_each_piece(p.rows, p.classes, [&](int64_t, int64_t r, int64_t begin, int64_t end) {
     char* gx_row = gx + r * p.classes * elem;
     if (t[r] == ignore_index) {
       std::memset(gx_row + begin * elem, 0, (end - begin) * elem);

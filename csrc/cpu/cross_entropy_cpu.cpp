@@ -16,33 +16,12 @@
 #include <vector>
 
 #include "../cross_entropy.h"
-#include "row_kernels.h"
+#include "driver.h"
 
 namespace fastce {
 namespace {
 
-// Elements of one row that one task handles. Fixed (not derived from the thread
-// count) so that the order of every floating-point sum is fixed.
-constexpr int64_t kPiece = 32768;
-// Work (elements) below which a parallel chunk is not worth a thread.
-constexpr int64_t kMinChunk = 16384;
-
-const cpu::RowKernels& kernels() {
-  const char* requested = std::getenv("FASTCE_CPU_ISA");
-  const cpu::RowKernels* k = cpu::select_kernels(requested);
-  TORCH_CHECK(k != nullptr, "FASTCE_CPU_ISA=", requested,
-              " is not one of 'generic', 'avx2', 'avx512' supported by this CPU");
-  return *k;
-}
-
-cpu::Dtype kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return cpu::Dtype::Float64;
-    case at::kBFloat16: return cpu::Dtype::BFloat16;
-    case at::kHalf: return cpu::Dtype::Float16;
-    default: return cpu::Dtype::Float32;
-  }
-}
+using cpu::kMinChunk;
 
 // Per-row view of the problem for the kernels.
 struct Rows {
@@ -60,9 +39,9 @@ struct Rows {
   double weight_sum = 0.0;         // sum of all class weights
 
   Rows(const Problem& prob, const Options& o)
-      : p(prob), opt(o), cfg{}, k(kernels()) {
+      : p(prob), opt(o), cfg{}, k(cpu::kernels()) {
     const int64_t elem = prob.logits.element_size();
-    cfg.dtype = kernel_dtype(prob.logits.scalar_type());
+    cfg.dtype = cpu::kernel_dtype(prob.logits.scalar_type());
     cfg.num_classes = prob.classes;
     cfg.logit_scale = o.logit_scale;
     cfg.softcap = o.softcap;
@@ -119,21 +98,9 @@ struct Rows {
     }
   }
 
-  // (row, piece) tasks: rows longer than kPiece are split so few-row problems use every core.
-  int64_t pieces() const { return std::max<int64_t>(1, (p.classes + kPiece - 1) / kPiece); }
-  int64_t grain() const {
-    return std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, std::min(p.classes, kPiece)));
-  }
+  int64_t pieces() const { return cpu::pieces_per_row(p.classes); }
   template <class F>
-  void for_each_piece(F&& f) const {
-    const int64_t np = pieces();
-    at::parallel_for(0, p.rows * np, grain(), [&](int64_t b, int64_t e) {
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t r = task / np, begin = (task % np) * kPiece;
-        f(task, r, begin, std::min(p.classes, begin + kPiece));
-      }
-    });
-  }
+  void for_each_piece(F&& f) const { cpu::for_each_piece(p.rows, p.classes, f); }
 };
 
 // A fresh N x C gradient costs more in page faults than in arithmetic (4 KiB pages:

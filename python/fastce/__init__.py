@@ -4,6 +4,7 @@ import torch
 from . import _ops  # noqa: F401  (loads the kernels, registers fake kernels and autograd)
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
+from .parallel import vocab_parallel_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastce::cross_entropy_forward", "CUDA")
 
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "cpu_isa", "has_cuda_kernels", "__version__"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy", "cpu_isa", "has_cuda_kernels", "__version__"]
