@@ -216,13 +216,9 @@ def test_zero_total_weight_without_smoothing():
 
 # ---- bad targets never poison later calls ------------------------------------------------
 
-@pytest.mark.parametrize("tdtype", [torch.long, torch.int32, torch.uint8])
-@pytest.mark.parametrize("bad", [5, 255, -1, 2**40])
+@pytest.mark.parametrize("tdtype,bad", [(torch.long, 5), (torch.long, -1), (torch.long, 2**40),
+                                       (torch.int32, 5), (torch.int32, -7), (torch.uint8, 255)])
 def test_out_of_range_target_then_good_calls(tdtype, bad):
-    if tdtype == torch.uint8 and not 0 <= bad <= 255 or tdtype == torch.int32 and bad > 2**31:
-        pytest.skip("not representable")
-    if tdtype == torch.uint8 and bad < 5:
-        pytest.skip("in range")
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(32, 5, generator=gen)
     good = torch.randint(0, 5, (32,), generator=gen)
