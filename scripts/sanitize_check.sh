@@ -20,22 +20,27 @@ if ! FASTCE_SANITIZE=1 FASTCE_NO_CUDA=1 python setup.py build_ext --inplace >bui
   exit 1
 fi
 
-# The extension is instrumented but python is not: the ASan runtime must be loaded first.
-# libubsan comes in as a dependency of the extension.
-libasan=$(${CXX:-c++} -print-file-name=libasan.so)
+# The extension is instrumented but python is not: the ASan runtime must be loaded first,
+# and libstdc++ with it (python does not link it, and ASan's __cxa_throw interceptor needs
+# the real one at start-up, else the first C++ exception aborts). libubsan comes in as a
+# dependency of the extension.
+cxx=${CXX:-c++}
+libasan=$($cxx -print-file-name=libasan.so)
+libstdcxx=$($cxx -print-file-name=libstdc++.so)
 test -f "$libasan" || { echo "libasan.so not found (install the compiler's libasan)"; exit 1; }
 
 # detect_leaks=0: the interpreter and torch keep allocations alive until exit by design.
 # RSS tests are deselected: ASan's quarantine and shadow memory make RSS meaningless.
 # The huge-tensor test is deselected: ASan's redzones and -O0 would make it take minutes.
-export LD_PRELOAD="$libasan"
+# --capture=sys: a sanitizer report goes to the real stderr even when it aborts the process.
+export LD_PRELOAD="$libasan $libstdcxx"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:strict_string_checks=1:${ASAN_OPTIONS:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 export PYTHONPATH="$work/python"
 
 python -c "import fastce, sys; print('sanitized build loaded:', fastce.__file__, 'isa', fastce.cpu_isa())"
 status=0
-python -m pytest -q -p no:cacheprovider -m "not slow" -k "not grow_memory" "${@:-tests}" || status=$?
+python -m pytest -q --capture=sys -p no:cacheprovider -m "not slow" -k "not grow_memory" "${@:-tests}" || status=$?
 if [ "$status" -eq 0 ]; then
   echo "sanitize_check: OK (no ASan/UBSan report)"
 else
