@@ -196,12 +196,17 @@ def test_ignored_row_with_non_finite_logits(bad):
     check_against_float64(x, target)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: label_smoothing=1 with probability targets and a -inf "
-                   "logit gives NaN ((1 - eps) * sum(y z) = 0 * -inf); torch gives +inf")
-def test_full_smoothing_with_masked_class_prob_target():
+@pytest.mark.xfail(strict=True, reason="bug: probability targets, a -inf logit and label_smoothing "
+                   "> 0 give NaN where torch gives +inf: the kernel sums y*z (0 * -inf = NaN when y = 0, or "
+                   "times (1 - eps) = 0) apart from the smoothing term, torch sums ((1-eps) y + eps/C) * logp")
+@pytest.mark.parametrize("eps,target_zero", [(0.1, True), (1.0, False)])
+def test_smoothing_with_masked_class_prob_target(eps, target_zero):
     x = torch.randn(2, 4)
     x[0, 1] = -float("inf")
-    check_against_float64(x, torch.rand(2, 4).softmax(-1), label_smoothing=1.0, reduction="none")
+    y = torch.rand(2, 4).softmax(-1)
+    if target_zero:
+        y[0, 1] = 0.0
+    check_against_float64(x, y, label_smoothing=eps, reduction="none")
 
 
 @pytest.mark.xfail(strict=True, reason="bug: 'mean' with zero total weight and label_smoothing > 0 "

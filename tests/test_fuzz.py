@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import fastce
 from reference import reference_cross_entropy
 
-EXAMPLES = int(os.environ.get("FASTCE_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("FASTCE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="FASTCE_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=True)
 
@@ -160,14 +160,14 @@ def test_fuzz_llm_options(p):
 
 @pytest.mark.xfail(strict=True, reason="bug: backward with inplace_backward=True raises AttributeError "
                    "(torch._C._is_functional_tensor does not exist in torch 2.13)")
-@settings(max_examples=max(10, EXAMPLES // 4), deadline=None,
-          derandomize="FASTCE_FUZZ_EXAMPLES" not in os.environ)
-@given(st.sampled_from(DTYPES), st.integers(1, 6), st.integers(1, 300), st.integers(0, 2**31 - 1))
-def test_fuzz_inplace_backward(dtype, n, c, seed):
-    # The gradient written into the logits' storage equals the out-of-place one.
-    gen = torch.Generator().manual_seed(seed)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 17), (6, 300)])
+def test_inplace_backward_matches_out_of_place(dtype, n, c):
+    # Not a hypothesis test: while it fails, shrinking would cost half a minute.
+    gen = torch.Generator().manual_seed(n * c)
     leaf = torch.randn(n, c, generator=gen).to(dtype).requires_grad_()
     target = torch.randint(0, c, (n,), generator=gen)
-    expected = torch.autograd.grad(fastce.cross_entropy(leaf, target), leaf)[0]
-    got = torch.autograd.grad(fastce.cross_entropy(leaf * 1, target, inplace_backward=True), leaf)[0]
+    expected = torch.autograd.grad(fastce.cross_entropy(leaf, target, label_smoothing=0.1), leaf)[0]
+    got = torch.autograd.grad(fastce.cross_entropy(leaf * 1, target, label_smoothing=0.1, inplace_backward=True),
+                              leaf)[0]
     assert torch.equal(got, expected)
