@@ -19,7 +19,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 LSE_BUG = ("bug: backward rounds the saved log-sum-exp to float32 and computes z - lse in float, "
-           "so float32 gradients lose |lse| / max|z - max| bits (see report)")
+           "so float32 gradients lose precision when |lse| is large (docs/HARDENING.md)")
 
 
 def run(fn, x, target, grad=None, **kwargs):
