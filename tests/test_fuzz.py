@@ -158,8 +158,6 @@ def test_fuzz_llm_options(p):
     check(p)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: backward with inplace_backward=True raises AttributeError "
-                   "(torch._C._is_functional_tensor does not exist in torch 2.13)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,c", [(1, 1), (3, 17), (6, 300)])
 def test_inplace_backward_matches_out_of_place(dtype, n, c):

@@ -46,6 +46,7 @@ struct Rows {
     cfg.logit_scale = o.logit_scale;
     cfg.softcap = o.softcap;
     cfg.weight = prob.weight.defined() ? prob.weight.data_ptr() : nullptr;
+    cfg.prob_smoothing = prob.prob ? o.label_smoothing : 0.0;
     x = static_cast<const char*>(prob.logits.data_ptr());
     x_stride = prob.logits.stride(0) * elem;
     if (prob.prob) {
@@ -176,10 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
       double ce;
       if (p.prob) {
         // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
-        // (terms whose factor is 0 are left out: 0 * inf would be NaN)
-        const double wy = (eps < 1 ? (1.0 - eps) * st.sum_wy : 0.0) + (eps > 0 ? eps / C * rows.weight_sum : 0.0);
-        const double wyz = (eps < 1 ? (1.0 - eps) * st.sum_wyz : 0.0) + (eps > 0 ? eps / C * st.sum_wz : 0.0);
-        ce = l * wy - wyz;
+        ce = l * st.sum_wy - st.sum_wyz;  // the kernel folded the smoothing into y
       } else {
         const double w_t = rows.row_weight[r];
         const double z_t = rows.k.transform_one(rows.cfg, rows.x_row(r), rows.target[r]);

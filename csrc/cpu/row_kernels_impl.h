@@ -207,6 +207,9 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
   constexpr int W = Acc<T>::W;
   const S* w = static_cast<const S*>(cfg.weight);
   const Transform<S> tf(cfg);
+  // y2 = (1 - eps) y + eps / C, formed per class (as torch does) so that a masked class
+  // (z = -inf) with y = 0 still counts eps / C * -inf rather than 0 * -inf = NaN.
+  const S y_keep = S(1.0 - cfg.prob_smoothing), y_add = S(cfg.prob_smoothing / double(cfg.num_classes));
   alignas(64) S zbuf[kBlock];
 
   PieceStats st;
@@ -226,7 +229,8 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       const R wz = HasW ? z * loadw(w + c) : z;
       acc_wz += wz;
       if constexpr (HasY) {
-        const R yw = HasW ? loadv(y + c) * loadw(w + c) : loadv(y + c);
+        const R ys = loadv(y + c) * y_keep + y_add;
+        const R yw = HasW ? ys * loadw(w + c) : ys;
         acc_wyz += yw * z;
         acc_wy += yw;
       }
@@ -241,7 +245,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       const S wc = HasW ? w[c] : S(1);
       tail_wz += wc * z;
       if constexpr (HasY) {
-        const S yw = S(load1(y + c)) * wc;
+        const S yw = (S(load1(y + c)) * y_keep + y_add) * wc;
         tail_wyz += yw * z;
         tail_wy += yw;
       }

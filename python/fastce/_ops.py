@@ -19,14 +19,11 @@ def _acc_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _check_devices(*tensors):
-    # The real kernels check this too; without it a meta tensor mixed with a real one would
-    # silently dispatch here.
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        a, b = sorted(devices, key=str)[:2]
-        raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
-                           f"devices, {a} and {b}!")
+def _check_devices(input, *others):
+    # The real kernels check this too; a meta tensor mixed with a real one dispatches here.
+    for t in others:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"Tensor on device {input.device} is not on the expected device {t.device}!")
 
 
 @torch.library.register_fake("fastce::cross_entropy_forward")

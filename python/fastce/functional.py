@@ -24,6 +24,23 @@ def _reduction_enum(reduction):
     return _REDUCTIONS[reduction]
 
 
+def _check_argument_types(input, target, weight, ignore_index, label_smoothing):
+    # What torch's argument parser rejects, with its TypeError.
+    def bad(name, position, expected, value):
+        raise TypeError(f"cross_entropy_loss(): argument '{name}' (position {position}) must be "
+                        f"{expected}, not {type(value).__name__}")
+    if not isinstance(input, Tensor):
+        bad("input", 1, "Tensor", input)
+    if not isinstance(target, Tensor):
+        bad("target", 2, "Tensor", target)
+    if weight is not None and not isinstance(weight, Tensor):
+        bad("weight", 3, "Tensor", weight)
+    if not isinstance(ignore_index, int):
+        bad("ignore_index", 5, "int", ignore_index)
+    if not isinstance(label_smoothing, (int, float)):
+        bad("label_smoothing", 6, "float", label_smoothing)
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -53,6 +70,7 @@ def cross_entropy(
     - ``inplace_backward``: backward writes the gradient into ``input``'s storage instead of a
       new buffer. ``input`` must not be a leaf, and must not be used after the backward pass.
     """
+    _check_argument_types(input, target, weight, ignore_index, label_smoothing)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     reduction_enum = _reduction_enum(reduction)
