@@ -232,9 +232,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _scale(grad, grad_loss, dtype):
-    """grad * grad_loss in `dtype`; in place when it can be: the precomputed gradient is not
-    needed afterwards, and autograd's version check rejects a second backward through it."""
-    if grad.dtype == dtype:
+    """grad * grad_loss in `dtype`. In eager mode in place (one gradient-sized buffer less):
+    the precomputed gradient is not needed afterwards, and autograd's version check rejects
+    a second backward through it. Traced graphs (torch.compile, opcheck) cannot express a
+    write into a saved tensor, so they get the out-of-place product."""
+    eager = (type(grad) is torch.Tensor and not torch.compiler.is_compiling()
+             and not torch._is_functional_tensor(grad))
+    if eager and grad.dtype == dtype:
         return grad.mul_(grad_loss)
     return (grad * grad_loss).to(dtype)
 
