@@ -54,7 +54,7 @@ def _total_weight(target, weight, classes, ignore_index, prob, acc):
     valid = target != ignore_index
     if weight is None:
         return valid.sum(dtype=acc)
-    w_t = weight.to(acc)[target.long().clamp(0, classes - 1)]  # out-of-range: the kernel raises
+    w_t = weight.to(acc)[target.long().clamp(0, classes - 1)]  # the kernel rejects bad targets
     return torch.where(valid, w_t, 0).sum(dtype=acc)
 
 
@@ -83,8 +83,7 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
 
     forward = lse is None
     grads = grad_loss is not None
-    if forward or grads:
-        total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
+    total_weight = x.new_ones((), dtype=acc)  # only 'mean' divides
     if forward:
         loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
         lse = x.new_empty((rows, *spatial), dtype=acc)
@@ -114,6 +113,8 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
             loss_c, _, lse_c, _ = ops.cross_entropy_forward(
                 logits, t_c, weight, _NONE if reduction == _NONE else _SUM, *opts, inplace)
             lse[start:end] = lse_c
+            if start == 0 and reduction == _MEAN:  # now that the kernel has checked the arguments
+                total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
             if reduction == _NONE:
                 loss[start:end] = loss_c
             else:
@@ -219,9 +220,10 @@ def _backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight,
 
 def _setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, reduction, *options, chunk_size,
-     _gi, _gw, _gb) = inputs
+     grad_input, grad_linear_weight, grad_linear_bias) = inputs
     _, lse, gx, gw, gb = output
     ctx.reduction = reduction
+    ctx.computed = (grad_input, grad_linear_weight, grad_linear_bias)  # what it differentiates
     ctx.options = (*options, chunk_size)
     ctx.weight_dtype = linear_weight.dtype
     if reduction == _NONE:
@@ -244,13 +246,19 @@ def _scale(grad, grad_loss, dtype):
 
 
 def _backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
-    want_x, want_w, want_b = ctx.needs_input_grad[:3]
+    want_x, want_w, want_b = (n and c for n, c in zip(ctx.needs_input_grad, ctx.computed))
     if ctx.reduction == _NONE:
         input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
         gx, gw, gb = _backward_op(grad_loss, input, linear_weight, linear_bias, target, weight,
                                   lse, *ctx.options, want_x, want_w, want_b)
     else:
-        gx, gw, gb = ctx.saved_tensors
+        try:
+            gx, gw, gb = ctx.saved_tensors
+        except RuntimeError as e:  # they were scaled in place by a first backward
+            raise RuntimeError(
+                "fastce.linear_cross_entropy: backward through the same graph twice is not "
+                "supported for reduction='mean'/'sum' (the gradients computed in forward are "
+                "consumed by the first backward)") from e
         gx = _scale(gx, grad_loss, gx.dtype) if want_x else None
         gw = _scale(gw, grad_loss, ctx.weight_dtype) if want_w else None
         gb = _scale(gb, grad_loss, ctx.weight_dtype) if want_b else None
@@ -282,8 +290,8 @@ def _check_shapes(input, linear_weight, target, linear_bias):
     if spatial and len(batch) != 1:
         raise RuntimeError(
             f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} "
-            f"requires batched input, (N, {input.shape[-1]}), got input with shape "
-            f"{tuple(input.shape)}")
+            f"requires batched input, (N, {input.shape[-1]}), got "
+            f"{'' if batch else 'unbatched '}input with shape {tuple(input.shape)}")
     tshape = tuple(target.shape)
     if tshape in ((*batch, *spatial), (*batch, classes, *spatial)):
         return batch, classes, spatial
@@ -355,7 +363,7 @@ def linear_cross_entropy(
         grad and linear_weight.requires_grad,
         grad and linear_bias is not None and linear_bias.requires_grad)[0]
     if reduction_enum == _NONE:
-        loss = loss.reshape(*batch, *spatial)
+        loss = loss.reshape((*batch, *spatial))
     return loss
 
 
