@@ -231,6 +231,8 @@ def _setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(gx, gw, gb)
     ctx.mark_non_differentiable(lse, gx, gw, gb)
+    # No zero-filled gradients for those outputs: gw alone would cost a V x H buffer.
+    ctx.set_materialize_grads(False)
 
 
 def _scale(grad, grad_loss, dtype):
