@@ -9,8 +9,10 @@ Variants (each measured in its own process, so one's memory cannot hide another'
                  recomputed in backward (the other strategy, for comparison)
 
 Peak extra memory is the process's peak resident set during one forward + backward minus
-its resident set just before (the inputs); it includes the gradients themselves. On Linux
-the peak is reset through /proc/self/clear_refs; elsewhere the lifetime peak is used.
+its resident set just before (the inputs); it includes the gradients themselves, and
+"workspace" is that minus their size. On Linux the peak is reset through
+/proc/self/clear_refs; elsewhere the lifetime peak is used. Times are medians of wall
+time and of process CPU time (all threads): on a shared machine the CPU time is the steadier.
 
     PYTHONPATH=python python benchmarks/bench_linear.py [--n 4096 --hidden 512 --vocab 32000]
         [--dtype float32] [--reps 3] [--chunk-size N] [--png linear.png]
@@ -87,9 +89,9 @@ def worker(args):
 
     def run(x, w, t):
         x.grad = w.grad = None
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         step(x, w, t).backward()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     run(*make(64, 32, 256))  # loads the code paths (their pages are not the variant's memory)
     x, w, t = make(args.n, args.hidden, args.vocab)
@@ -98,10 +100,11 @@ def worker(args):
     reset = _reset_peak()
     first = run(x, w, t)
     peak = _peak_bytes(reset) - base
-    times = [run(x, w, t) for _ in range(args.reps)]
-    print(json.dumps({"variant": args.variant, "time_s": statistics.median(times),
-                      "times_s": [first] + times, "peak_extra_mib": peak / 2 ** 20,
-                      "threads": torch.get_num_threads()}))
+    grads = (x.numel() + w.numel()) * x.element_size()  # what every variant must return
+    wall, cpu = zip(*[run(x, w, t) for _ in range(args.reps)])
+    print(json.dumps({"variant": args.variant, "time_s": statistics.median(wall),
+                      "cpu_s": statistics.median(cpu), "times_s": [first[0], *wall],
+                      "peak_extra_mib": peak / 2 ** 20, "workspace_mib": (peak - grads) / 2 ** 20}))
 
 
 def main():
@@ -133,11 +136,13 @@ def main():
             continue
         results.append(res)
     base = next((r for r in results if r["variant"] == "naive"), results[0])
-    print(f"{'variant':14s} {'time s':>8s} {'vs naive':>9s} {'peak extra MiB':>15s}  runs")
+    print(f"{'variant':14s} {'wall s':>7s} {'vs naive':>9s} {'CPU s':>7s} {'vs naive':>9s} "
+          f"{'peak extra MiB':>15s} {'workspace MiB':>14s}  wall runs (first: memory)")
     for r in results:
         runs = " ".join(f"{t:.2f}" for t in r["times_s"])
-        print(f"{r['variant']:14s} {r['time_s']:8.2f} {r['time_s'] / base['time_s']:8.2f}x "
-              f"{r['peak_extra_mib']:15.0f}  [{runs}]")
+        print(f"{r['variant']:14s} {r['time_s']:7.2f} {r['time_s'] / base['time_s']:8.2f}x "
+              f"{r['cpu_s']:7.2f} {r['cpu_s'] / base['cpu_s']:8.2f}x {r['peak_extra_mib']:15.0f} "
+              f"{r['workspace_mib']:14.0f}  [{runs}]")
     if args.png:
         chart(results, args)
 
@@ -153,8 +158,8 @@ def chart(results, args):
         return
     names = [r["variant"] for r in results]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.bar(names, [r["time_s"] for r in results])
-    a.set_ylabel("forward + backward, s")
+    a.bar(names, [r["cpu_s"] for r in results])
+    a.set_ylabel("forward + backward, CPU s")
     b.bar(names, [r["peak_extra_mib"] for r in results], color="tab:orange")
     b.set_ylabel("peak extra memory, MiB")
     for ax in (a, b):
