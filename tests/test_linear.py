@@ -36,13 +36,13 @@ def naive(x, w, t, b=None, **kw):
     return loss
 
 
-def check(x, w, t, b=None, rtol=1e-5, atol=1e-6, **kw):
+def check(x, w, t, b=None, rtol=1e-5, atol=1e-6, equal_nan=False, **kw):
     """Loss and every gradient equal the naive path's, for a random grad_output."""
     loss = linear_cross_entropy(x, w, t, linear_bias=b, **kw)
     kw.pop("chunk_size", None)
     ref = naive(x, w, t, b, **kw)
     assert loss.shape == ref.shape and loss.dtype == x.dtype
-    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol, equal_nan=equal_nan)
     leaves = [p for p in (x, w, b) if p is not None and p.requires_grad]
     grad_out = torch.rand_like(ref) + 0.5
     grads = torch.autograd.grad(loss, leaves, grad_out.to(loss.dtype))
@@ -90,6 +90,13 @@ def test_chunk_sizes(device, chunk_size):
     check(x, w, class_targets(29, 37, device), b, reduction="none", chunk_size=chunk_size)
     x, w, b = make(device, bias=True)
     check(x, w, class_targets(29, 37, device), b, reduction="mean", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(device, reduction):
+    x, w, b = make(device, n=0, bias=True)
+    check(x, w, torch.zeros(0, dtype=torch.long, device=device), b, reduction=reduction,
+          equal_nan=True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

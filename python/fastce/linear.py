@@ -50,7 +50,7 @@ def _chunk_rows(rows, row_classes, dtype, device, chunk_size):
 def _total_weight(target, weight, classes, ignore_index, prob, acc):
     """The divisor of 'mean' (as the loss kernel defines it), from tensor ops: no host sync."""
     if prob:
-        return torch.tensor(float(target.numel() // classes), dtype=acc, device=target.device)
+        return target.new_full((), target.numel() // classes, dtype=acc)  # no host-to-device copy
     valid = target != ignore_index
     if weight is None:
         return valid.sum(dtype=acc)
@@ -83,7 +83,11 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
 
     forward = lse is None
     grads = grad_loss is not None
-    total_weight = x.new_ones((), dtype=acc)  # only 'mean' divides
+    # The kernel checks the arguments (weight, target dtype, options) on zero rows first,
+    # so that bad ones are reported by it, not by the tensor ops below.
+    ops.cross_entropy_forward(buf[:0].view(0, classes, *spatial), target[:0], weight, reduction,
+                              *opts, False)
+    total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
     if forward:
         loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
         lse = x.new_empty((rows, *spatial), dtype=acc)
@@ -113,8 +117,6 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
             loss_c, _, lse_c, _ = ops.cross_entropy_forward(
                 logits, t_c, weight, _NONE if reduction == _NONE else _SUM, *opts, inplace)
             lse[start:end] = lse_c
-            if start == 0 and reduction == _MEAN:  # now that the kernel has checked the arguments
-                total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
             if reduction == _NONE:
                 loss[start:end] = loss_c
             else:
