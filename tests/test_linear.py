@@ -40,6 +40,7 @@ def check(x, w, t, b=None, rtol=1e-5, atol=1e-6, equal_nan=False, **kw):
     """Loss and every gradient equal the naive path's, for a random grad_output."""
     loss = linear_cross_entropy(x, w, t, linear_bias=b, **kw)
     kw.pop("chunk_size", None)
+    kw.pop("options", None)
     ref = naive(x, w, t, b, **kw)
     assert loss.shape == ref.shape and loss.dtype == x.dtype
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol, equal_nan=equal_nan)
@@ -294,11 +295,20 @@ def test_module(device, out_features):
     ref_grads = torch.autograd.grad(ref, (x, mine.linear.weight, mine.linear.bias))
     for g, r in zip((x.grad, mine.linear.weight.grad, mine.linear.bias.grad), ref_grads):
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-6)
-    if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # same state and class as torch's
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # same class, state and loss as torch's
         theirs = torch.nn.LinearCrossEntropyLoss(16, 11, out_features=out_features, bias=True,
-                                                 device=device, weight=weight)
+                                                 device=device, weight=weight,
+                                                 label_smoothing=0.1)
         assert isinstance(mine, torch.nn.LinearCrossEntropyLoss)
-        assert mine.state_dict().keys() == theirs.state_dict().keys()
+        theirs.load_state_dict(mine.state_dict())
+        torch.testing.assert_close(loss, theirs(x, t))
+
+
+@pytest.mark.skipif(not HAS_TORCH_LCE, reason="torch has no LinearCrossEntropyOptions")
+def test_accepts_torch_options(device):
+    x, w, b = make(device, bias=True)
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=5)
+    check(x, w, class_targets(29, 37, device), b, options=options)
 
 
 def test_module_checks_like_torch():

@@ -323,6 +323,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
+    options=None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     lse_square_scale: float = 0.0,
@@ -338,6 +339,9 @@ def linear_cross_entropy(
       K-dimensional loss over ``(N, H)`` input, with target ``(N, d_1, ..., d_K)``.
     - ``logit_scale``, ``softcap``, ``lse_square_scale``: as in :func:`fastce.cross_entropy`.
     - ``chunk_size``: rows per chunk; by default chosen from the shapes and the device.
+    - ``options``: torch's ``LinearCrossEntropyOptions``, accepted so that calls written for
+      torch work; only its ``batch_chunk_size`` is used (as ``chunk_size``). fastce always
+      chunks and accumulates low-precision gradients in float32.
 
     Peak extra memory is one chunk of logits plus the gradients. ``reduction='mean'/'sum'``
     computes the gradients during the forward pass when they are needed, so backward is
@@ -347,6 +351,8 @@ def linear_cross_entropy(
     reduction_enum = _reduction_enum(reduction)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    if chunk_size is None and options is not None:
+        chunk_size = options.batch_chunk_size
     if ignore_index is None:
         ignore_index = -100
     if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
@@ -377,8 +383,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
 
     The same attributes and ``state_dict`` as torch's module (``linear`` holds the
     ``(V * prod(out_features), H)`` weight; ``weight`` is the class-weight buffer), and a
-    subclass of it where it exists. torch's ``options`` is replaced by fastce's keyword-only
-    options, including ``chunk_size``.
+    subclass of it where it exists. fastce's options follow torch's arguments; of torch's
+    ``options`` only ``batch_chunk_size`` is used (see :func:`linear_cross_entropy`).
     """
 
     def __init__(
@@ -394,6 +400,7 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
         weight: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
         label_smoothing: float = 0.0,
+        options=None,
         logit_scale: float = 1.0,
         softcap: Optional[float] = None,
         lse_square_scale: float = 0.0,
@@ -416,7 +423,7 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
         self.label_smoothing = label_smoothing
         self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes),
                                       bias=bias, device=device, dtype=dtype)
-        self.options = None  # torch's chunking options: fastce chunks by itself
+        self.options = options
         self.logit_scale = logit_scale
         self.softcap = softcap
         self.lse_square_scale = lse_square_scale
@@ -429,17 +436,17 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
             input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
             linear_bias=None if bias is None else bias.reshape(shape), weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, logit_scale=self.logit_scale,
-            softcap=self.softcap, lse_square_scale=self.lse_square_scale,
-            chunk_size=self.chunk_size)
+            label_smoothing=self.label_smoothing, options=self.options,
+            logit_scale=self.logit_scale, softcap=self.softcap,
+            lse_square_scale=self.lse_square_scale, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
                  f"out_features={self.out_features}", f"bias={self.linear.bias is not None}",
                  f"reduction={self.reduction}", f"ignore_index={self.ignore_index}",
                  f"label_smoothing={self.label_smoothing}"]
-        for name, default in (("logit_scale", 1.0), ("softcap", None), ("lse_square_scale", 0.0),
-                              ("chunk_size", None)):
+        for name, default in (("options", None), ("logit_scale", 1.0), ("softcap", None),
+                              ("lse_square_scale", 0.0), ("chunk_size", None)):
             if getattr(self, name) != default:
                 parts.append(f"{name}={getattr(self, name)}")
         return ", ".join(parts)
