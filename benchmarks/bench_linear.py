@@ -9,8 +9,8 @@ Variants (each measured in its own process, so one's memory cannot hide another'
                  recomputed in backward (the other strategy, for comparison)
 
 Peak extra memory is the process's peak resident set during one forward + backward minus
-its resident set just before (the inputs); it includes the gradients themselves, and
-"workspace" is that minus their size. On Linux the peak is reset through
+its resident set just before (the inputs), measured on the step after a warm-up step; it
+includes the gradients themselves, and "workspace" is that minus their size. On Linux the peak is reset through
 /proc/self/clear_refs; elsewhere the lifetime peak is used. Times are medians of wall
 time and of process CPU time (all threads): on a shared machine the CPU time is the steadier.
 
@@ -93,12 +93,12 @@ def worker(args):
         step(x, w, t).backward()
         return time.perf_counter() - start, time.process_time() - cpu
 
-    run(*make(64, 32, 256))  # loads the code paths (their pages are not the variant's memory)
     x, w, t = make(args.n, args.hidden, args.vocab)
+    first = run(x, w, t)  # warm-up: code pages and the BLAS's own buffers are not per step
     x.grad = w.grad = None
     base = _rss_bytes()
     reset = _reset_peak()
-    first = run(x, w, t)
+    run(x, w, t)
     peak = _peak_bytes(reset) - base
     grads = (x.numel() + w.numel()) * x.element_size()  # what every variant must return
     wall, cpu = zip(*[run(x, w, t) for _ in range(args.reps)])
@@ -126,10 +126,14 @@ def main():
     print(f"N={args.n} H={args.hidden} V={args.vocab} {args.dtype}, forward+backward, "
           f"median of {args.reps}; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs")
+    # A fixed mmap threshold: every buffer of 1 MiB or more is mapped when allocated and
+    # unmapped when freed, so the resident set follows the live tensors (glibc would otherwise
+    # keep some freed memory, depending on what ran before).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         res = json.loads(out.strip().splitlines()[-1])
         if res is None:
             print(f"{variant:14s} (not available in this torch)")
@@ -137,7 +141,7 @@ def main():
         results.append(res)
     base = next((r for r in results if r["variant"] == "naive"), results[0])
     print(f"{'variant':14s} {'wall s':>7s} {'vs naive':>9s} {'CPU s':>7s} {'vs naive':>9s} "
-          f"{'peak extra MiB':>15s} {'workspace MiB':>14s}  wall runs (first: memory)")
+          f"{'peak extra MiB':>15s} {'workspace MiB':>14s}  wall runs (first: warm-up)")
     for r in results:
         runs = " ".join(f"{t:.2f}" for t in r["times_s"])
         print(f"{r['variant']:14s} {r['time_s']:7.2f} {r['time_s'] / base['time_s']:8.2f}x "
