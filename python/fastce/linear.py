@@ -41,6 +41,9 @@ def _chunk_rows(rows, row_classes, dtype, device, chunk_size):
     if chunk_size is not None:
         return max(1, min(chunk_size, rows))
     elem = torch.empty((), dtype=dtype).element_size()
+    acc = _acc_dtype(dtype)
+    if acc != dtype:  # the weight gradient's matmul takes a float32 copy of the chunk
+        elem += torch.empty((), dtype=acc).element_size()
     budget = _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
     fit = budget // max(1, row_classes * elem)
     fit = max(_MIN_CHUNK_ROWS, fit // 8 * 8)  # multiples of 8 keep matmul tiles aligned
