@@ -270,7 +270,7 @@ def _backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
         gw = _scale(gw, grad_loss, ctx.weight_dtype) if want_w else None
         gb = _scale(gb, grad_loss, ctx.weight_dtype) if want_b else None
     return (gx if want_x else None, gw if want_w else None, gb if want_b else None,
-            *([None] * 12))  # the options and flags
+            *([None] * 12))  # target, weight, options, flags
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
