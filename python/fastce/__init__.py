@@ -3,6 +3,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the kernels, registers fake kernels and autograd)
 from .functional import cross_entropy
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
 from .parallel import vocab_parallel_cross_entropy
 
@@ -19,4 +20,4 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastce::cross_entropy_forward", "CUDA")
 
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy", "cpu_isa", "has_cuda_kernels", "__version__"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "vocab_parallel_cross_entropy", "cpu_isa", "has_cuda_kernels", "__version__"]

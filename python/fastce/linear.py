@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from ._ops import _tracing, ops
 from .functional import _reduction_enum
 
 _NONE, _MEAN, _SUM = 0, 1, 2
@@ -93,7 +93,7 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
     total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
     if forward:
         loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
-        lse = x.new_empty((rows, *spatial), dtype=acc)
+        lse = x.new_empty((rows, *spatial), dtype=torch.float64)  # as the kernel saves it
     gx = gw = gb = None
     if grads:
         zero = torch.zeros_like(grad_loss)
@@ -208,7 +208,7 @@ def _forward_fake(input, linear_weight, linear_bias, target, weight, reduction, 
     rows_shape = (input.shape[0], *linear_weight.shape[1:-1])
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(rows_shape if reduction == _NONE else ())
-    lse = input.new_empty(rows_shape if reduction == _NONE else (0,), dtype=acc)
+    lse = input.new_empty(rows_shape if reduction == _NONE else (0,), dtype=torch.float64)
     precompute = reduction != _NONE
     return loss, lse, *_fake_grads(input, linear_weight, grad_input and precompute,
                                    grad_linear_weight and precompute,
@@ -245,9 +245,7 @@ def _scale(grad, grad_loss, dtype):
     the precomputed gradient is not needed afterwards, and autograd's version check rejects
     a second backward through it. Traced graphs (torch.compile, opcheck) cannot express a
     write into a saved tensor, so they get the out-of-place product."""
-    eager = (type(grad) is torch.Tensor and not torch.compiler.is_compiling()
-             and not torch._is_functional_tensor(grad))
-    if eager and grad.dtype == dtype:
+    if not _tracing(grad) and grad.dtype == dtype:
         return grad.mul_(grad_loss)
     return (grad * grad_loss).to(dtype)
 
