@@ -138,8 +138,14 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   const at::Tensor gz = grad_zloss.to(p.acc_type).contiguous();
   const at::Tensor lse_a = lse.to(p.acc_type).contiguous();
   const at::Tensor tw = total_weight.to(p.acc_type);
-  at::Tensor sum_wy;
-  if (p.prob) sum_wy = at::empty({p.rows}, input.options().dtype(p.acc_type));
+  const auto acc = input.options().dtype(p.acc_type);
+  at::Tensor sum_wy, others, x_target;
+  if (p.prob) {
+    sum_wy = at::empty({p.rows}, acc);
+  } else {
+    others = at::empty({p.rows * view.rows.chunks}, acc);
+    x_target = at::empty({p.rows}, acc);
+  }
 
   cuda::BackwardArgs a{};
   a.v = view.rows;
@@ -149,6 +155,8 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   a.lse = lse_a.data_ptr();
   a.total_weight = tw.data_ptr();
   a.sum_wy = sum_wy.defined() ? sum_wy.data_ptr() : nullptr;
+  a.others = others.defined() ? others.data_ptr() : nullptr;
+  a.x_target = x_target.defined() ? x_target.data_ptr() : nullptr;
   a.gx = gx2d.data_ptr();
   a.gx_stride = gx2d.stride(0);
   a.gy = gy2d ? gy2d->data_ptr() : nullptr;

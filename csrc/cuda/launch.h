@@ -61,6 +61,9 @@ struct BackwardArgs {
   const void* lse;            // (rows,) acc
   const void* total_weight;   // (1,) acc
   void* sum_wy;               // (rows,) acc scratch for probability targets
+  void* others;               // (rows * chunks) acc scratch for class-index targets: sum of
+                              // p_c over each piece's classes other than the target
+  void* x_target;             // (rows,) acc scratch: the target's logit, saved before in-place writes
   void* gx;                   // (rows, classes) in dtype, unit class stride; may alias x
   int64_t gx_stride;
   void* gy;                   // gradient of probability targets, or nullptr
