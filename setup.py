@@ -46,9 +46,11 @@ def extension():
             raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (set CUDA_HOME)")
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        # Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the
-        # cuBLAS/cuSPARSE headers a minimal toolkit lacks). No fast-math: logf/tanhf stay exact.
+        # The torch-facing driver is C++ (ATen's headers are slow to parse three times in
+        # nvcc); the kernels are .cu. Only c10/cuda headers are used, not
+        # ATen/cuda/CUDAContext.h, which needs cuBLAS/cuSPARSE headers a minimal toolkit lacks.
+        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+        # No fast-math: logf/tanhf stay exact.
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         if flag("FASTCE_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")

@@ -88,6 +88,35 @@ def test_vocab_sizes_fp32_options(N, V):
     torch.testing.assert_close(xx.grad.double(), xr.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("N", [1, 8])
+def test_split_rows_probability_targets(N):
+    V = 262144
+    x = torch.randn(N, V, device="cuda") * 2
+    y = torch.softmax(torch.randn(N, V, device="cuda") * 3, 1)
+    w = torch.rand(V, device="cuda") + 0.5
+    kw = dict(weight=w, label_smoothing=0.2, lse_square_scale=1e-2, reduction="sum")
+    xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+    loss = fastce.cross_entropy(xx, yy, **kw)
+    loss.backward()
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    ref = reference_cross_entropy(xr, yr, **kw)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xx.grad.double(), xr.grad, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(yy.grad.double(), yr.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_empty_batch(reduction):
+    x = torch.randn(0, 50000, device="cuda", requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device="cuda")
+    out = fastce.cross_entropy(x, t, reduction=reduction)
+    ref = F.cross_entropy(x.detach(), t, reduction=reduction)
+    torch.testing.assert_close(out.detach(), ref, equal_nan=True)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_more_than_2_pow_31_elements():
     """64-bit offsets: rows past element 2^31 give the right loss and gradient."""
     V = 262144

@@ -207,7 +207,7 @@ int64_t plan_chunk(int64_t rows, int64_t classes, Dtype dtype, int sm_count) {
   const int64_t step = kWarp * vec * kBatch;            // elements a warp loads per step
   const int64_t want = int64_t(sm_count) * 16;          // warps that keep every SM streaming
   const int64_t whole = classes > 0 ? classes : 1;
-  if (rows >= want || classes <= 2 * step) return whole;
+  if (rows == 0 || rows >= want || classes <= 2 * step) return whole;
   const int64_t by_warps = (want + rows - 1) / rows;
   const int64_t by_size = classes / (2 * step);          // pieces of at least two steps
   const int64_t pieces = by_warps < by_size ? by_warps : by_size;

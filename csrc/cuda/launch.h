@@ -1,4 +1,4 @@
-// The interface between the torch-facing CUDA driver (cross_entropy_cuda.cu) and the
+// The interface between the torch-facing CUDA driver (cross_entropy_cuda.cpp) and the
 // kernel files (forward.cu, backward.cu): plain pointers and sizes, no torch types,
 // so each kernel file compiles as its own unit.
 #pragma once

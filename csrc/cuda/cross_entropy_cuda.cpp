@@ -1,4 +1,4 @@
-// CUDA backend driver: the same argument checks as the CPU backend (prepare()), then
+// CUDA backend driver (host C++): the same argument checks as the CPU backend (prepare()), then
 // the kernels of forward.cu / backward.cu on the current stream. Nothing here reads
 // device memory from the host, so every op is asynchronous and CUDA-graph capturable.
 #include <ATen/ATen.h>
