@@ -3,7 +3,8 @@
 # CPU build of the working tree stays as it is): build fastce with its CUDA kernels for
 # sm_80 and sm_90, import it with no driver, check that every op with a CPU kernel has a
 # CUDA kernel, and inspect the machine code with cuobjdump (SASS for both architectures,
-# warp shuffles, 16-byte loads). Prints the registers/spills table of every kernel.
+# warp shuffles, 16-byte loads). Prints the registers/spills table of every kernel, and runs
+# the kernels' code on the CPU under an emulation of CUDA (tests/cuda_emulation).
 #
 # Environment: FASTCE_CUDA_VENV (default /work/venv-cuda: created with torch 2.14.1 when
 # missing), CUDA_HOME (default: the toolkit the `nvcc` on PATH runs), MAX_JOBS.
@@ -111,4 +112,11 @@ EOF
 PYTHONPATH=python "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > pytest.log 2>&1 \
   || { tail -n 20 pytest.log >&2; fail "tests/test_cuda.py did not collect/skip cleanly"; }
 echo "cuda_build: $(tail -n 1 pytest.log)"
+
+# The kernels' code itself, run on the CPU under an emulation of the CUDA execution model
+# against the float64 reference (tests/cuda_emulation, about a minute).
+FASTCE_CUDA_EMULATION=1 PYTHONPATH=python timeout 600 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/cuda_emulation > emulation.log 2>&1 \
+  || { tail -n 40 emulation.log >&2; fail "emulated CUDA kernels disagree with the reference"; }
+echo "cuda_build: emulated kernels: $(tail -n 1 emulation.log)"
 echo "cuda_build: OK"

@@ -59,7 +59,7 @@ assert torch.cuda.is_available(); print(torch.cuda.get_device_name())"
   # shellcheck disable=SC2086
   step tests 330 "$PY" -m pytest tests -q -p no:cacheprovider --maxfail=25 -ra \
     ${GPU_CHECK_PYTEST_ARGS:-}
-  grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1 | sed 's/^/tests: /' >> "$SUMMARY"
+  grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/tests.log" | tail -n 1 | sed "s/^/tests: /" >> "$SUMMARY"
   step bench_smoke 150 "$PY" benchmarks/bench_gpu_smoke.py --out "$OUT"
   if "$PY" -c "import fastce.bench" 2>/dev/null; then
     mkdir -p "$OUT/bench"
