@@ -8,7 +8,8 @@
 #   scripts/gpu_check.sh OUTDIR
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default: found from nvcc),
-# TORCH_CUDA_ARCH_LIST (default: the GPU's own), GPU_CHECK_PYTEST_ARGS.
+# TORCH_CUDA_ARCH_LIST (default: the GPU's own), GPU_CHECK_PYTEST_ARGS, GPU_CHECK_BUDGET_S
+# (default 420: later steps are cut short or skipped so the run ends by then).
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -21,10 +22,19 @@ export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT/summary.md"
 status=0
 
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-420} ))  # the whole run, whatever happens
+
 step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs to OUT/NAME.log
-  local name=$1 limit=$2 t0 rc
+  local name=$1 limit=$2 t0 rc left
   shift 2
   t0=$(date +%s)
+  left=$(( DEADLINE - t0 ))
+  if [ "$left" -lt 20 ]; then
+    echo "| $name | skipped: out of time | 0 s |" >> "$SUMMARY"
+    status=1
+    return 1
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   echo "| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") | $(( $(date +%s) - t0 )) s |" >> "$SUMMARY"
@@ -50,20 +60,20 @@ if [ -z "${CUDA_HOME:-}" ]; then
   [ -n "$nvcc_bin" ] && export CUDA_HOME=$(dirname "$nvcc_bin")
 fi
 
-if step build 300 env FORCE_CUDA=1 FASTCE_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
+if step build 240 env FORCE_CUDA=1 FASTCE_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
     "$PY" setup.py build_ext --inplace; then
-  step import 60 "$PY" -c "import fastce, torch; assert fastce.has_cuda_kernels(); \
+  step import 40 "$PY" -c "import fastce, torch; assert fastce.has_cuda_kernels(); \
 assert torch.cuda.is_available(); print(torch.cuda.get_device_name())"
   # -p no:cacheprovider: the checkout may be read-only; --maxfail: one scarce run should
   # show more than the first failure.
   # shellcheck disable=SC2086
-  step tests 330 "$PY" -m pytest tests -q -p no:cacheprovider --maxfail=25 -ra \
+  step tests 240 "$PY" -m pytest tests -q -p no:cacheprovider --maxfail=25 -ra \
     ${GPU_CHECK_PYTEST_ARGS:-}
   grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/tests.log" | tail -n 1 | sed "s/^/tests: /" >> "$SUMMARY"
-  step bench_smoke 150 "$PY" benchmarks/bench_gpu_smoke.py --out "$OUT"
+  step bench_smoke 100 "$PY" benchmarks/bench_gpu_smoke.py --out "$OUT"
   if "$PY" -c "import fastce.bench" 2>/dev/null; then
     mkdir -p "$OUT/bench"
-    step bench 150 "$PY" -m fastce.bench --device cuda --quick --out "$OUT/bench"
+    step bench 100 "$PY" -m fastce.bench --device cuda --quick --out "$OUT/bench"
   fi
 fi
 
