@@ -15,6 +15,7 @@
 #endif
 #include <vector>
 
+#include "../backward_ops.h"
 #include "../cross_entropy.h"
 #include "driver.h"
 
@@ -267,53 +268,24 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& grad_zloss, const at::Tensor& input,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index, double label_smoothing,
-    double logit_scale, std::optional<double> softcap, double lse_square_scale,
-    bool compute_grad_target) {
-  const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
-                                   lse_square_scale);
-  const Problem p = prepare(input, target, weight, opt);
-  at::Tensor gx2d = new_grad_buffer(p.rows, p.classes, input.options());
-  at::Tensor gy2d;
-  const bool grad_y = compute_grad_target && p.prob;
-  if (grad_y) gy2d = new_grad_buffer(p.rows, p.classes, input.options());
-  backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, grad_y ? &gy2d : nullptr);
-  at::Tensor grad_target = grad_y ? grad_to_input_layout(gy2d, input)
-                                  : at::empty({0}, input.options());
-  return {grad_to_input_layout(gx2d, input), grad_target};
-}
-
-void backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_zloss,
-                          const at::Tensor& input, const at::Tensor& target,
-                          const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                          const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-                          double label_smoothing, double logit_scale, std::optional<double> softcap,
-                          double lse_square_scale) {
-  const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
-                                   lse_square_scale);
-  const Problem p = prepare(input, target, weight, opt);
-  const bool same_storage = input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
-                           (p.classes <= 1 || p.logits.stride(1) == 1);
-  if (same_storage) {
-    at::Tensor gx2d = p.logits;
-    backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, nullptr);
-    return;
+struct CpuBackend {
+  static at::Tensor new_grad_buffer(int64_t rows, int64_t classes, const at::TensorOptions& options) {
+    return fastce::new_grad_buffer(rows, classes, options);
   }
-  // The kernels' view of these logits is a copy: compute there, then copy back.
-  at::Tensor gx2d = new_grad_buffer(p.rows, p.classes, input.options());
-  backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, nullptr);
-  input.copy_(grad_to_input_layout(gx2d, input));
-}
+  static void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss,
+                            const at::Tensor& /*input*/, const Problem& p, const Options& opt,
+                            const at::Tensor& lse, const at::Tensor& total_weight, at::Tensor& gx2d,
+                            at::Tensor* gy2d) {
+    fastce::backward_into(grad_loss, grad_zloss, p, opt, lse, total_weight, gx2d, gy2d);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastce, CPU, m) {
   m.impl("cross_entropy_forward", &forward_cpu);
-  m.impl("cross_entropy_backward", &backward_cpu);
-  m.impl("cross_entropy_backward_inplace", &backward_inplace_cpu);
+  m.impl("cross_entropy_backward", &backward_op<CpuBackend>);
+  m.impl("cross_entropy_backward_inplace", &backward_inplace_op<CpuBackend>);
 }
 
 }  // namespace fastce

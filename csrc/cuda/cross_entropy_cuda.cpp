@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 
+#include "../backward_ops.h"
 #include "../cross_entropy.h"
 #include "launch.h"
 
@@ -116,7 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     loss = row_loss.to(input.scalar_type()).view(p.row_shape);
     zloss = row_zloss.to(input.scalar_type()).view(p.row_shape);
   }
-  return {loss, zloss, lse.view(p.row_shape), total_weight};
+  // The op's lse is float64 on every device (the CPU kernels need its precision); the CUDA
+  // kernels keep float32 and use a correction for the target's gradient (docs/CUDA.md).
+  return {loss, zloss, lse.to(at::kDouble).view(p.row_shape), total_weight};
 }
 
 // Writes the gradient of the logits (and of probability targets) into gx2d / gy2d.
@@ -164,48 +167,19 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   cuda::launch_backward(a, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& grad_zloss, const at::Tensor& input,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index, double label_smoothing,
-    double logit_scale, std::optional<double> softcap, double lse_square_scale,
-    bool compute_grad_target) {
-  const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
-                                   lse_square_scale);
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Problem p = prepare(input, target, weight, opt);
-  at::Tensor gx2d = at::empty({p.rows, p.classes}, input.options());
-  at::Tensor gy2d;
-  const bool grad_y = compute_grad_target && p.prob;
-  if (grad_y) gy2d = at::empty({p.rows, p.classes}, input.options());
-  backward_into(grad_loss, grad_zloss, input, p, opt, lse, total_weight, gx2d, grad_y ? &gy2d : nullptr);
-  at::Tensor grad_target = grad_y ? grad_to_input_layout(gy2d, input) : at::empty({0}, input.options());
-  return {grad_to_input_layout(gx2d, input), grad_target};
-}
-
-void backward_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_zloss,
-                           const at::Tensor& input, const at::Tensor& target,
-                           const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                           const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-                           double label_smoothing, double logit_scale, std::optional<double> softcap,
-                           double lse_square_scale) {
-  const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
-                                   lse_square_scale);
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Problem p = prepare(input, target, weight, opt);
-  TORCH_CHECK(input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
-                  (p.classes <= 1 || p.logits.stride(1) == 1),
-              "inplace_backward needs 1-D or 2-D logits whose classes are contiguous");
-  at::Tensor gx2d = p.logits;
-  backward_into(grad_loss, grad_zloss, input, p, opt, lse, total_weight, gx2d, nullptr);
-}
+struct CudaBackend {
+  static at::Tensor new_grad_buffer(int64_t rows, int64_t classes, const at::TensorOptions& options) {
+    return at::empty({rows, classes}, options);
+  }
+  static constexpr auto backward_into = &fastce::backward_into;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastce, CUDA, m) {
   m.impl("cross_entropy_forward", &forward_cuda);
-  m.impl("cross_entropy_backward", &backward_cuda);
-  m.impl("cross_entropy_backward_inplace", &backward_inplace_cuda);
+  m.impl("cross_entropy_backward", &backward_op<CudaBackend>);
+  m.impl("cross_entropy_backward_inplace", &backward_inplace_op<CudaBackend>);
 }
 
 }  // namespace fastce
