@@ -64,6 +64,7 @@ cpu::RowConfig row_config(const Problem& p, const Options& opt) {
   cfg.logit_scale = opt.logit_scale;
   cfg.softcap = opt.softcap;
   cfg.weight = nullptr;
+  cfg.need_sum_z = true;  // the smoothing sum is exchanged between the ranks
   return cfg;
 }
 

@@ -48,6 +48,7 @@ struct Rows {
     cfg.softcap = o.softcap;
     cfg.weight = prob.weight.defined() ? prob.weight.data_ptr() : nullptr;
     cfg.prob_smoothing = prob.prob ? o.label_smoothing : 0.0;
+    cfg.need_sum_z = !prob.prob && o.label_smoothing > 0;
     x = static_cast<const char*>(prob.logits.data_ptr());
     x_stride = prob.logits.stride(0) * elem;
     if (prob.prob) {

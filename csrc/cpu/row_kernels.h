@@ -20,6 +20,7 @@ struct RowConfig {
   double softcap;           // ... then z = softcap * tanh(z / softcap); 0 disables
   const void* weight;       // class weights in the accumulation type (float or double), or nullptr
   double prob_smoothing;    // probability targets: y2 = (1 - eps) y + eps / C is used in place of y
+  bool need_sum_z;          // compute PieceStats::sum_wz (label smoothing of class-index targets)
 };
 
 // Statistics of one contiguous piece of a row; pieces merge left to right,
@@ -27,7 +28,7 @@ struct RowConfig {
 struct PieceStats {
   double max = -__builtin_inf();  // max of z over the piece (NaN ignored)
   double sumexp = 0.0;            // sum of exp(z - max)
-  double sum_wz = 0.0;            // sum of w_c * z_c  (w_c = 1 without weights)
+  double sum_wz = 0.0;            // sum of w_c * z_c (w_c = 1 without weights), if need_sum_z
   double sum_wyz = 0.0;           // probability targets: sum of w_c * y2_c * z_c (y2: smoothed y)
   double sum_wy = 0.0;            // probability targets: sum of w_c * y2_c
   bool has_nan = false;

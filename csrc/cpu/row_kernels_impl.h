@@ -159,8 +159,6 @@ FASTCE_INLINE float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VW; ++i) s 
 FASTCE_INLINE double hsum(double v) { return v; }
 FASTCE_INLINE float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m; return m; }
 FASTCE_INLINE double hmax(double v) { return v; }
-FASTCE_INLINE bool hany_nonzero(vf v) { for (int i = 0; i < VW; ++i) if (v[i] != 0.0f) return true; return false; }
-FASTCE_INLINE bool hany_nonzero(double v) { return v != 0.0; }
 
 // z = logit_scale * x, optionally soft-capped: z = cap * tanh(logit_scale * x / cap).
 template <class S>
@@ -199,7 +197,9 @@ struct Transform {
 };
 
 // ---- forward statistics of a piece of a row ------------------------------------
-template <class T, bool HasW, bool HasY, bool Cap>
+// NaN needs no test per element: exp(NaN - max) makes the block's sum NaN, and a block
+// whose max is -inf (nothing but -inf and NaN) is scanned for NaN before it is skipped.
+template <class T, bool HasW, bool HasY, bool Cap, bool SumZ>
 void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, int64_t end,
                    PieceStats* out) {
   using S = typename Acc<T>::scalar;
@@ -213,9 +213,8 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
   alignas(64) S zbuf[kBlock];
 
   PieceStats st;
-  R acc_wz = splat(S(0)), acc_wyz = splat(S(0)), acc_wy = splat(S(0)), nan_seen = splat(S(0));
+  R acc_wz = splat(S(0)), acc_wyz = splat(S(0)), acc_wy = splat(S(0));
   S tail_wz = 0, tail_wyz = 0, tail_wy = 0;
-  bool tail_nan = false;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t n = std::min<int64_t>(kBlock, end - b0);
     const int64_t nv = n - n % W;
@@ -225,9 +224,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       const R z = tf.template z<Cap>(loadv(x + c));
       storev(zbuf + i, z);
       vm = vmax(vm, z);
-      nan_seen = z != z ? splat(S(1)) : nan_seen;
-      const R wz = HasW ? z * loadw(w + c) : z;
-      acc_wz += wz;
+      if constexpr (SumZ) acc_wz += HasW ? z * loadw(w + c) : z;
       if constexpr (HasY) {
         const R ys = loadv(y + c) * y_keep + y_add;
         const R yw = HasW ? ys * loadw(w + c) : ys;
@@ -241,16 +238,18 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       const S z = tf.template z1<Cap>(S(load1(x + c)));
       zbuf[i] = z;
       m = z > m ? z : m;
-      tail_nan |= z != z;
       const S wc = HasW ? w[c] : S(1);
-      tail_wz += wc * z;
+      if constexpr (SumZ) tail_wz += wc * z;
       if constexpr (HasY) {
         const S yw = (S(load1(y + c)) * y_keep + y_add) * wc;
         tail_wyz += yw * z;
         tail_wy += yw;
       }
     }
-    if (m == -std::numeric_limits<S>::infinity()) continue;  // nothing but -inf (or NaN)
+    if (m == -std::numeric_limits<S>::infinity()) {  // nothing but -inf and NaN: adds no mass
+      for (int64_t i = 0; i < n; ++i) st.has_nan |= zbuf[i] != zbuf[i];
+      continue;
+    }
     // Pad the tail with -inf (exp gives 0) so the exponentials are all vector work.
     const int64_t padded = (n + W - 1) / W * W;
     for (int64_t i = n; i < padded; ++i) zbuf[i] = -std::numeric_limits<S>::infinity();
@@ -269,7 +268,6 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
   st.sum_wz = double(hsum(acc_wz)) + double(tail_wz);
   st.sum_wyz = double(hsum(acc_wyz)) + double(tail_wyz);
   st.sum_wy = double(hsum(acc_wy)) + double(tail_wy);
-  st.has_nan = hany_nonzero(nan_seen) || tail_nan;
   *out = st;
 }
 
@@ -361,8 +359,10 @@ void piece_stats(const RowConfig& cfg, const void* x, const void* y, int64_t beg
     with_flag(cfg.weight != nullptr, [&](auto has_w) {
       with_flag(y != nullptr, [&](auto has_y) {
         with_flag(cfg.softcap > 0, [&](auto cap) {
-          piece_stats_t<T, has_w.value, has_y.value, cap.value>(
-              cfg, static_cast<const T*>(x), static_cast<const T*>(y), begin, end, out);
+          with_flag(cfg.need_sum_z, [&](auto sum_z) {
+            piece_stats_t<T, has_w.value, has_y.value, cap.value, sum_z.value>(
+                cfg, static_cast<const T*>(x), static_cast<const T*>(y), begin, end, out);
+          });
         });
       });
     });
