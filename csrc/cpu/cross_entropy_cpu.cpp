@@ -7,13 +7,12 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#include <vector>
 
 #include "../backward_ops.h"
 #include "../cross_entropy.h"
