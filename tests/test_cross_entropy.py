@@ -222,7 +222,7 @@ def supported_isas():
     import os
     names = []
     old = os.environ.get("FASTCE_CPU_ISA")
-    for name in ["generic", "avx2", "avx512"]:
+    for name in ["generic", "avx2", "avx512", "avx512bf16"]:
         os.environ["FASTCE_CPU_ISA"] = name
         if fastce.cpu_isa() == name:
             names.append(name)
@@ -252,6 +252,72 @@ def test_every_cpu_instruction_set(monkeypatch, isa, dtype):
     assert_close(a, b, tol_loss * 10)
     assert_close(ga[0], gb[0], tol_grad)
     assert_close(ga[1], gb[1], tol_grad * 100)
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_gradients_are_correctly_rounded(monkeypatch, isa, dtype):
+    # 16-bit rows use a shorter exponential (relative error < 3e-6, far below their half-ulp):
+    # nearly every gradient must be the exact rounding of the float64 one, the rest 1 ulp off.
+    monkeypatch.setenv("FASTCE_CPU_ISA", isa)
+    x = (torch.randn(64, 4099) * 3).to(dtype)
+    t = torch.randint(0, 4099, (64,))
+    xg = x.clone().requires_grad_()
+    fastce.cross_entropy(xg, t, reduction="sum").backward()
+    ref = torch.softmax(x.double(), 1)
+    ref[torch.arange(64), t] -= 1
+    ref = ref.to(dtype)
+    assert (xg.grad == ref).double().mean() > 0.998
+    ulps = (xg.grad.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    assert ulps.max() <= 1
+
+
+@pytest.mark.parametrize("isa", [i for i in supported_isas() if i.startswith("avx512")])
+def test_subnormal_bfloat16_gradients_are_kept(monkeypatch, isa):
+    # AVX512-BF16's conversion flushes subnormals to zero; those vectors take the exact path.
+    monkeypatch.setenv("FASTCE_CPU_ISA", isa)
+    x = torch.full((2, 32), -200.0)
+    x[:, 0] = 0.0
+    x[0, 1], x[0, 17], x[1, 5] = -88.0, -90.0, -91.5  # probabilities below 2^-126
+    x = x.to(torch.bfloat16).requires_grad_()
+    fastce.cross_entropy(x, torch.tensor([0, 0]), reduction="sum").backward()
+    ref = torch.softmax(x.detach().double(), 1)
+    ref[:, 0] -= 1
+    ref = ref.to(torch.bfloat16)
+    tiny = ref.abs() < torch.finfo(torch.float32).tiny
+    assert (ref[tiny] != 0).sum() == 3
+    assert torch.equal(x.grad[tiny], ref[tiny])
+
+
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(reduction="none", label_smoothing=0.1),
+                                     dict(inplace_backward=True, lse_square_scale=1e-3)], ids=str)
+def test_eager_fast_path_matches_the_registered_autograd(monkeypatch, options):
+    # Plain eager calls skip torch.library's autograd wrapper (a cheaper autograd.Function
+    # applies the same formula); a torch function mode sends them through the registered one.
+    from fastce import _ops
+    fast_calls = []
+    apply = _ops._EagerCrossEntropy.apply
+    monkeypatch.setattr(_ops._EagerCrossEntropy, "apply",
+                        staticmethod(lambda *a: fast_calls.append(1) or apply(*a)))
+    x = torch.randn(37, 1001)
+    t = torch.randint(0, 1001, (37,))
+    results = []
+    for mode in [None, _PassThroughMode()]:
+        h = (x * 1.0).requires_grad_()  # not a leaf: inplace_backward accepts it
+        logits = h * 1.0
+        with mode if mode is not None else torch.autograd.graph.saved_tensors_hooks(
+                lambda v: v, lambda v: v):
+            loss = fastce.cross_entropy(logits, t, **options)
+            go = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)
+            loss.backward(go)
+        results.append((loss.detach(), h.grad))
+        assert len(fast_calls) == 1  # the fast path ran once: for the plain call only
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_unknown_isa_is_an_error(monkeypatch):

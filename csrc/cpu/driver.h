@@ -22,7 +22,7 @@ inline const RowKernels& kernels() {
   const char* requested = std::getenv("FASTCE_CPU_ISA");
   const RowKernels* k = select_kernels(requested);
   TORCH_CHECK(k != nullptr, "FASTCE_CPU_ISA=", requested,
-              " is not one of 'generic', 'avx2', 'avx512' supported by this CPU");
+              " is not one of 'generic', 'avx2', 'avx512', 'avx512bf16' supported by this CPU");
   return *k;
 }
 

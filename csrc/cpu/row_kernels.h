@@ -65,9 +65,10 @@ struct RowKernels {
 const RowKernels& kernels_generic();
 const RowKernels& kernels_avx2();
 const RowKernels& kernels_avx512();
+const RowKernels& kernels_avx512bf16();
 
 // Chooses the best set this CPU supports, or the one named by FASTCE_CPU_ISA
-// (generic, avx2, avx512). Returns nullptr for an unknown or unsupported name.
+// (generic, avx2, avx512, avx512bf16). Returns nullptr for an unknown or unsupported name.
 const RowKernels* select_kernels(const char* requested);
 
 // Merges b into a (b follows a in the row).

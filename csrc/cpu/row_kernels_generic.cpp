@@ -24,7 +24,10 @@ namespace fastce::cpu {
 const RowKernels& kernels_generic() { return generic::table(); }
 
 void merge_stats(PieceStats& a, const PieceStats& b) {
-  if (b.max > a.max) {
+  if (a.sumexp == 0.0 && a.max == -std::numeric_limits<double>::infinity()) {  // a is empty
+    a.max = b.max;
+    a.sumexp = b.sumexp;
+  } else if (b.max > a.max) {
     a.sumexp = a.sumexp * std::exp(a.max - b.max) + b.sumexp;
     a.max = b.max;
   } else if (b.sumexp != 0.0) {  // an empty piece (all -inf) adds nothing
@@ -43,10 +46,12 @@ const RowKernels* select_kernels(const char* requested) {
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl");
+  const bool has_avx512_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
 #else
-  const bool has_avx2 = false, has_avx512 = false;
+  const bool has_avx2 = false, has_avx512 = false, has_avx512_bf16 = false;
 #endif
   if (requested == nullptr || *requested == '\0') {
+    if (has_avx512_bf16) return &kernels_avx512bf16();
     if (has_avx512) return &kernels_avx512();
     if (has_avx2) return &kernels_avx2();
     return &kernels_generic();
@@ -55,6 +60,7 @@ const RowKernels* select_kernels(const char* requested) {
   if (name == "generic") return &kernels_generic();
   if (name == "avx2" && has_avx2) return &kernels_avx2();
   if (name == "avx512" && has_avx512) return &kernels_avx512();
+  if (name == "avx512bf16" && has_avx512_bf16) return &kernels_avx512bf16();
   return nullptr;
 }
 

@@ -1,6 +1,7 @@
 // SIMD row kernels, written once with GCC vector extensions and compiled once per
 // instruction set. The including file defines FASTCE_ISA (the namespace), FASTCE_VW
-// (float lanes: 4, 8 or 16) and FASTCE_F16C (hardware half conversions), includes
+// (float lanes: 4, 8 or 16), FASTCE_F16C (hardware half conversions) and, optionally,
+// FASTCE_BF16_CVT (AVX512-BF16 conversions), includes
 // the standard headers, then switches the target options on around this file.
 //
 // Accumulation is in float for float/bfloat16/half inputs and in double for double
@@ -20,9 +21,10 @@ typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
 
-// Rows are processed in blocks that stay in L1: z is computed once into a
-// buffer, then exponentiated against the block's max (one exp per element).
-constexpr int64_t kBlock = 2048;
+// Rows are processed in blocks that stay in L1: z is computed once into a float
+// buffer, then exponentiated against the block's max (one exp per element). The
+// block, its z buffer and the next block (prefetched) fit in 32 KiB.
+template <class T> constexpr int64_t kBlock = sizeof(T) == 2 ? 4096 : 2048;
 
 template <class T> struct Acc { using scalar = float; using reg = vf; static constexpr int W = VW; };
 template <> struct Acc<double> { using scalar = double; using reg = double; static constexpr int W = 1; };
@@ -77,12 +79,19 @@ FASTCE_INLINE double splat(double a) { return a; }
 FASTCE_INLINE vf loadv(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 FASTCE_INLINE double loadv(const double* p) { return *p; }
 FASTCE_INLINE vf loadv(const bf16* p) {
+#if FASTCE_VW == 16
+  // One vpmovzxwd: GCC splits __builtin_convertvector into 256-bit halves (five instructions).
+  const __m512i u =
+      _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)((vu)u << 16);
+#else
   vh h; std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
 }
 FASTCE_INLINE vf loadv(const f16* p) {
 #if FASTCE_F16C && FASTCE_VW == 16
-  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif FASTCE_F16C && FASTCE_VW == 8
   return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
@@ -98,6 +107,15 @@ FASTCE_INLINE double loadw(const double* p) { return *p; }
 FASTCE_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 FASTCE_INLINE void storev(double* p, double v) { *p = v; }
 FASTCE_INLINE void storev(bf16* p, vf v) {
+#if FASTCE_BF16_CVT
+  // vcvtneps2bf16 rounds to nearest even but flushes subnormals to zero: those (rare)
+  // vectors take the exact path below.
+  if (__builtin_expect(_mm512_fpclass_ps_mask((__m512)v, 0x20) == 0, 1)) {
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+    std::memcpy(p, &h, sizeof h);
+    return;
+  }
+#endif
   const vu u = (vu)v;
   const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const vu quiet_nan = (u >> 16) | 0x0040u;
@@ -106,7 +124,7 @@ FASTCE_INLINE void storev(bf16* p, vf v) {
 }
 FASTCE_INLINE void storev(f16* p, vf v) {
 #if FASTCE_F16C && FASTCE_VW == 16
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtps_ph(0xFFFF, (__m512)v, _MM_FROUND_TO_NEAREST_INT));
 #elif FASTCE_F16C && FASTCE_VW == 8
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #else
@@ -118,28 +136,53 @@ FASTCE_INLINE void storev(f16* p, vf v) {
 FASTCE_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 FASTCE_INLINE double vmax(double a, double b) { return a > b ? a : b; }
 
-// exp for x <= 88 (every caller passes z - max <= 0, or -2|u|): a degree-6 polynomial on
-// [-ln2/2, ln2/2] (about 1 ulp). NaN stays NaN; x < -87.3 (and -inf) gives exactly 0, so
-// masked logits get zero probability. No clamping: the underflow mask covers what a
-// clamp would, and nothing larger than 88 comes in.
+// exp for x <= 88 (every caller passes z - max <= 0, or -2|u|) on [-ln2/2, ln2/2] after
+// x = n ln2 + r. Precise: a degree-6 polynomial (about 1 ulp), for float and double rows.
+// !Precise: degree 4 and a one-constant reduction (relative error < 3e-6), for bfloat16
+// and half rows, whose results carry 8 or 11 bits: two fewer multiply-adds per element
+// where the exponential is the bottleneck. NaN stays NaN; -inf and anything below about
+// -87.3 (AVX-512: -103) give exactly 0, so masked logits get zero probability.
+template <bool Precise>
 FASTCE_INLINE vf vexp(vf x) {
+#if FASTCE_VW == 16
+  // vscalefps multiplies by 2^n with IEEE underflow: no exponent arithmetic, no mask.
+  // The clamp keeps -inf out of r; vmaxps returns its second operand, x, when x is NaN.
+  // (The _mask_ forms, with every lane set, avoid GCC 12's -Wuninitialized on the plain ones.)
+  x = (vf)_mm512_mask_max_ps((__m512)x, 0xFFFF, (__m512)splat(-104.0f), (__m512)x);
+#else
   const vi underflow = x < -87.33654f;
+#endif
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const vf t = x * 1.44269504088896341f + magic;
   const vf n = t - magic;
+  vf p;
+  if constexpr (Precise) {
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+  } else {
+    const vf r = x - n * 0.693147182f;
+    p = splat(4.151369631e-2f);
+    p = p * r + 1.678745747e-1f;
+    p = p * r + 5.000301600e-1f;
+    p = p * r + 9.999668598e-1f;
+    p = p * r + 1.0f;
+  }
+#if FASTCE_VW == 16
+  return (vf)_mm512_mask_scalef_ps((__m512)p, 0xFFFF, (__m512)p, (__m512)n);
+#else
   const vi ni = (vi)t - (vi)splat(magic);
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
   const vf result = p * (vf)((ni + 127) << 23);
   return underflow ? splat(0.0f) : result;
+#endif
 }
+template <bool Precise>
 FASTCE_INLINE double vexp(double x) { return std::exp(x); }
 FASTCE_INLINE float sexp(float x) { return std::exp(x); }
 FASTCE_INLINE double sexp(double x) { return std::exp(x); }
@@ -147,7 +190,7 @@ FASTCE_INLINE double sexp(double x) { return std::exp(x); }
 // tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1: no overflow.
 FASTCE_INLINE vf vtanh(vf u) {
   const vf a = u < 0.0f ? -u : u;
-  const vf e = vexp(-2.0f * a);
+  const vf e = vexp<true>(-2.0f * a);
   const vf t = (1.0f - e) / (1.0f + e);
   return u < 0.0f ? -t : t;
 }
@@ -155,37 +198,64 @@ FASTCE_INLINE double vtanh(double u) { return std::tanh(u); }
 FASTCE_INLINE float stanh(float u) { return std::tanh(u); }
 FASTCE_INLINE double stanh(double u) { return std::tanh(u); }
 
+// 16-bit rows take the shorter exponential (see vexp).
+template <class T> constexpr bool kPreciseExp = sizeof(T) >= 4;
+
+#if FASTCE_VW == 16
+// Halving trees (GCC writes the loops below as 15-step chains). A NaN lane may or may not
+// survive hmax; either way the block's sum of exponentials becomes NaN (see piece_stats_t).
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+template <class Op>
+FASTCE_INLINE float reduce16(vf v, Op op) {
+  const vf8 a = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  const vf4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  return op(op(b[0], b[2]), op(b[1], b[3]));
+}
+FASTCE_INLINE float hsum(vf v) { return reduce16(v, [](auto a, auto b) { return a + b; }); }
+FASTCE_INLINE float hmax(vf v) { return reduce16(v, [](auto a, auto b) { return a > b ? a : b; }); }
+#else
 FASTCE_INLINE float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
-FASTCE_INLINE double hsum(double v) { return v; }
 FASTCE_INLINE float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m; return m; }
+#endif
+FASTCE_INLINE double hsum(double v) { return v; }
 FASTCE_INLINE double hmax(double v) { return v; }
 
 // z = logit_scale * x, optionally soft-capped: z = cap * tanh(logit_scale * x / cap).
+// The vector code is compiled per map, so the common logit_scale = 1 costs no multiply
+// (x * 1 is exact: the scalar code, used for tails and the target, may keep it).
+enum class ZMap { Identity, Scale, Cap };
+
 template <class S>
 struct Transform {
   S scale, cap, u_coef;  // u_coef = scale / cap
   explicit Transform(const RowConfig& cfg)
       : scale(S(cfg.logit_scale)), cap(S(cfg.softcap)),
         u_coef(cfg.softcap > 0 ? S(cfg.logit_scale / cfg.softcap) : S(0)) {}
-  template <bool Cap, class R> FASTCE_INLINE R z(R x) const {
-    if constexpr (Cap) return vtanh(x * u_coef) * cap; else return x * scale;
+  template <ZMap M, class R> FASTCE_INLINE R z(R x) const {
+    if constexpr (M == ZMap::Cap) return vtanh(x * u_coef) * cap;
+    else if constexpr (M == ZMap::Scale) return x * scale;
+    else return x;
   }
-  // z and dz/dx together.
-  template <bool Cap, class R> FASTCE_INLINE R z_and_slope(R x, R& slope) const {
-    if constexpr (Cap) {
+  // z and dz/dx together (Identity: the slope, 1, is left as the caller set it).
+  template <ZMap M, class R> FASTCE_INLINE R z_and_slope(R x, R& slope) const {
+    if constexpr (M == ZMap::Cap) {
       const R t = vtanh(x * u_coef);
       slope = (S(1) - t * t) * scale;
       return t * cap;
-    } else {
+    } else if constexpr (M == ZMap::Scale) {
       slope = splat(scale);
       return x * scale;
+    } else {
+      return x;
     }
   }
-  template <bool Cap> FASTCE_INLINE S z1(S x) const {
-    if constexpr (Cap) return stanh(x * u_coef) * cap; else return x * scale;
+  template <ZMap M> FASTCE_INLINE S z1(S x) const {
+    if constexpr (M == ZMap::Cap) return stanh(x * u_coef) * cap; else return x * scale;
   }
-  template <bool Cap> FASTCE_INLINE S z1_and_slope(S x, S& slope) const {
-    if constexpr (Cap) {
+  template <ZMap M> FASTCE_INLINE S z1_and_slope(S x, S& slope) const {
+    if constexpr (M == ZMap::Cap) {
       const S t = stanh(x * u_coef);
       slope = (S(1) - t * t) * scale;
       return t * cap;
@@ -199,7 +269,7 @@ struct Transform {
 // ---- forward statistics of a piece of a row ------------------------------------
 // NaN needs no test per element: exp(NaN - max) makes the block's sum NaN, and a block
 // whose max is -inf (nothing but -inf and NaN) is scanned for NaN before it is skipped.
-template <class T, bool HasW, bool HasY, bool Cap, bool SumZ>
+template <class T, bool HasW, bool HasY, ZMap M, bool SumZ>
 void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, int64_t end,
                    PieceStats* out) {
   using S = typename Acc<T>::scalar;
@@ -210,18 +280,18 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
   // y2 = (1 - eps) y + eps / C, formed per class (as torch does) so that a masked class
   // (z = -inf) with y = 0 still counts eps / C * -inf rather than 0 * -inf = NaN.
   const S y_keep = S(1.0 - cfg.prob_smoothing), y_add = S(cfg.prob_smoothing / double(cfg.num_classes));
-  alignas(64) S zbuf[kBlock];
+  alignas(64) S zbuf[kBlock<T>];
 
   PieceStats st;
   R acc_wz = splat(S(0)), acc_wyz = splat(S(0)), acc_wy = splat(S(0));
   S tail_wz = 0, tail_wyz = 0, tail_wy = 0;
-  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-    const int64_t n = std::min<int64_t>(kBlock, end - b0);
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock<T>) {
+    const int64_t n = std::min<int64_t>(kBlock<T>, end - b0);
     const int64_t nv = n - n % W;
     R vm = splat(-std::numeric_limits<S>::infinity());
     for (int64_t i = 0; i < nv; i += W) {
       const int64_t c = b0 + i;
-      const R z = tf.template z<Cap>(loadv(x + c));
+      const R z = tf.template z<M>(loadv(x + c));
       storev(zbuf + i, z);
       vm = vmax(vm, z);
       if constexpr (SumZ) acc_wz += HasW ? z * loadw(w + c) : z;
@@ -235,7 +305,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
     S m = hmax(vm);
     for (int64_t i = nv; i < n; ++i) {
       const int64_t c = b0 + i;
-      const S z = tf.template z1<Cap>(S(load1(x + c)));
+      const S z = tf.template z1<M>(S(load1(x + c)));
       zbuf[i] = z;
       m = z > m ? z : m;
       const S wc = HasW ? w[c] : S(1);
@@ -261,7 +331,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       __builtin_prefetch(next + i / W * 64);
       R z;
       std::memcpy(&z, zbuf + i, sizeof z);
-      vs += vexp(z - m);
+      vs += vexp<kPreciseExp<T>>(z - m);
     }
     const S s = hsum(vs);
     PieceStats block;
@@ -276,7 +346,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
 }
 
 // ---- gradient of a piece of a row ----------------------------------------------
-template <class T, bool HasW, bool HasY, bool Cap, bool GradY>
+template <class T, bool HasW, bool HasY, ZMap M, bool GradY>
 void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, int64_t begin,
                   int64_t end, const GradCoef& k) {
   using S = typename Acc<T>::scalar;
@@ -294,12 +364,13 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
 
   // One vector of W classes starting at class c; the tail goes through padded copies.
   auto step = [&](const T* xp, const T* yp, const S* wp, T* gxp, T* gyp) {
-    R slope;
-    const R z = tf.template z_and_slope<Cap>(loadv(xp), slope);
-    const R p = vexp((z - lse_hi) - lse_lo);
+    R slope = splat(S(1));
+    const R z = tf.template z_and_slope<M>(loadv(xp), slope);
+    // 16-bit rows: lse_lo (below lse's float rounding) is beyond their precision.
+    const R p = kPreciseExp<T> ? vexp<true>((z - lse_hi) - lse_lo) : vexp<false>(z - lse_hi);
     const R sub = HasY ? cw + cwy * loadv(yp) : splat(cw);
     const R g = p * cp - (HasW ? loadw(wp) * sub : sub);
-    storev(gxp, g * slope);
+    storev(gxp, M == ZMap::Identity ? g : g * slope);
     if constexpr (GradY) storev(gyp, cgy * (HasW ? loadw(wp) : splat(S(1))) * ((lse_hi - z) + lse_lo));
   };
   const int64_t n = end - begin;
@@ -319,7 +390,7 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   }
   if (has_target) {  // the target class also loses coef_target (before the slope)
     S slope;
-    const S z = tf.template z1_and_slope<Cap>(x_target, slope);
+    const S z = tf.template z1_and_slope<M>(x_target, slope);
     const S wt = HasW ? w[k.target] : S(1);
     const S sub = HasY ? cw + cwy * S(load1(y + k.target)) : cw;
     store1(gx + k.target, (sexp((z - lse_hi) - lse_lo) * cp - wt * sub - S(k.coef_target)) * slope);
@@ -356,15 +427,22 @@ FASTCE_INLINE void with_flag(bool v, F&& f) {
   if (v) f(std::true_type{}); else f(std::false_type{});
 }
 
+template <class F>
+FASTCE_INLINE void with_zmap(const RowConfig& cfg, F&& f) {
+  if (cfg.softcap > 0) f(std::integral_constant<ZMap, ZMap::Cap>{});
+  else if (cfg.logit_scale != 1.0) f(std::integral_constant<ZMap, ZMap::Scale>{});
+  else f(std::integral_constant<ZMap, ZMap::Identity>{});
+}
+
 void piece_stats(const RowConfig& cfg, const void* x, const void* y, int64_t begin, int64_t end,
                  PieceStats* out) {
   with_dtype(cfg.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_flag(cfg.weight != nullptr, [&](auto has_w) {
       with_flag(y != nullptr, [&](auto has_y) {
-        with_flag(cfg.softcap > 0, [&](auto cap) {
+        with_zmap(cfg, [&](auto map) {
           with_flag(cfg.need_sum_z, [&](auto sum_z) {
-            piece_stats_t<T, has_w.value, has_y.value, cap.value, sum_z.value>(
+            piece_stats_t<T, has_w.value, has_y.value, map.value, sum_z.value>(
                 cfg, static_cast<const T*>(x), static_cast<const T*>(y), begin, end, out);
           });
         });
@@ -379,11 +457,11 @@ void piece_grad(const RowConfig& cfg, const void* x, const void* y, void* gx, vo
     using T = std::remove_pointer_t<decltype(tag)>;
     with_flag(cfg.weight != nullptr, [&](auto has_w) {
       with_flag(y != nullptr, [&](auto has_y) {
-        with_flag(cfg.softcap > 0, [&](auto cap) {
+        with_zmap(cfg, [&](auto map) {
           with_flag(gy != nullptr, [&](auto grad_y) {
             if constexpr (grad_y.value && !has_y.value) return;  // no target gradient without y
             else
-              piece_grad_t<T, has_w.value, has_y.value, cap.value, grad_y.value>(
+              piece_grad_t<T, has_w.value, has_y.value, map.value, grad_y.value>(
                   cfg, static_cast<const T*>(x), static_cast<const T*>(y), static_cast<T*>(gx),
                   static_cast<T*>(gy), begin, end, k);
           });
@@ -399,7 +477,7 @@ double transform_one(const RowConfig& cfg, const void* x, int64_t index) {
     using S = typename Acc<T>::scalar;
     const Transform<S> tf(cfg);
     const S xv = S(load1(static_cast<const T*>(x) + index));
-    return cfg.softcap > 0 ? double(tf.template z1<true>(xv)) : double(tf.template z1<false>(xv));
+    return cfg.softcap > 0 ? double(tf.template z1<ZMap::Cap>(xv)) : double(tf.template z1<ZMap::Scale>(xv));
   });
 }
 

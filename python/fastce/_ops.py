@@ -3,6 +3,7 @@
 The schemas and the CPU/CUDA kernels live in C++ (csrc/); `import fastce._C` loads them.
 """
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C  # noqa: F401  (registers torch.ops.fastce.*)
 
@@ -78,18 +79,22 @@ def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):
     if grad_loss is None:
         grad_loss = torch.zeros_like(grad_z_loss)
     grad_target = None
-    # With create_graph=True the gradient must not be the logits tensor itself.
-    if ctx.inplace_backward and not torch.is_grad_enabled() and not _tracing(input):
-        ops.cross_entropy_backward_inplace(grad_loss, grad_z_loss, input, target, weight, lse,
-                                           total_weight, *ctx.options)
+    # With create_graph=True the gradient must not be the logits tensor itself, and the
+    # backward op must go through autograd (which refuses double backward).
+    plain = not torch.is_grad_enabled() and (getattr(ctx, "eager", False) or not _tracing(input))
+    if ctx.inplace_backward and plain:
+        _call_below_autograd(ops.cross_entropy_backward_inplace.default, grad_loss, grad_z_loss,
+                             input, target, weight, lse, total_weight, *ctx.options)
         # The logits now hold their gradient: make autograd reject any later use of them.
         torch.autograd.graph.increment_version(input)
         grad_input = input
     else:
         want_target_grad = ctx.needs_input_grad[1]
-        grad_input, grad_target = ops.cross_entropy_backward(
-            grad_loss, grad_z_loss, input, target, weight, lse, total_weight, *ctx.options,
-            want_target_grad)
+        backward_op = ops.cross_entropy_backward.default
+        args = (grad_loss, grad_z_loss, input, target, weight, lse, total_weight, *ctx.options,
+                want_target_grad)
+        grad_input, grad_target = (_call_below_autograd(backward_op, *args) if plain
+                                   else backward_op(*args))
         if not want_target_grad:
             grad_target = None
     return (grad_input if ctx.needs_input_grad[0] else None, grad_target,
@@ -98,6 +103,47 @@ def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):
 
 torch.library.register_autograd("fastce::cross_entropy_forward", _backward,
                                 setup_context=_setup_context)
+
+
+# ---- the eager fast path -------------------------------------------------------------------
+# torch.library's generic autograd wrapper costs about 40 us of Python per call (it refills
+# the schema's defaults and redispatches from Python): more than torch's whole step on a
+# 64x10 batch. Outside tracing, the same formula (_setup_context, _backward) is applied by
+# a plain autograd.Function around the op called below the Autograd key. Under
+# torch.compile, export, dispatch modes and tensor subclasses the registered path is used.
+
+def _call_below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class _EagerCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        output = _call_below_autograd(ops.cross_entropy_forward.default, *args)
+        _setup_context(ctx, args, output)
+        ctx.eager = True  # known untraced: _backward skips that test
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def _plain_eager(input, target):
+    return (type(input) is torch.Tensor and type(target) is torch.Tensor
+            and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode()
+            and not torch._C._is_torch_function_mode_enabled())
+
+
+def cross_entropy_forward(input, target, *args):
+    """torch.ops.fastce.cross_entropy_forward, through the eager fast path when it applies."""
+    if not _plain_eager(input, target):
+        return ops.cross_entropy_forward(input, target, *args)
+    if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
+        return _EagerCrossEntropy.apply(input, target, *args)
+    return _call_below_autograd(ops.cross_entropy_forward.default, input, target, *args)
 
 
 def _no_double_backward(ctx, *grads):
