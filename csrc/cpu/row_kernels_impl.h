@@ -1,8 +1,9 @@
 // SIMD row kernels, written once with GCC vector extensions and compiled once per
-// instruction set. The including file defines FASTCE_ISA (the namespace), FASTCE_VW
-// (float lanes: 4, 8 or 16), FASTCE_F16C (hardware half conversions) and, optionally,
-// FASTCE_BF16_CVT (AVX512-BF16 conversions), includes
-// the standard headers, then switches the target options on around this file.
+// instruction set. The including file (row_kernels_generic.cpp, row_kernels_x86.h)
+// defines FASTCE_ISA (the namespace), FASTCE_ISA_NAME, FASTCE_VW (float lanes: 4, 8 or
+// 16), FASTCE_F16C (hardware half conversions) and, optionally, FASTCE_BF16_CVT
+// (AVX512-BF16 conversions), includes the standard headers, then switches the target
+// options on around this file.
 //
 // Accumulation is in float for float/bfloat16/half inputs and in double for double
 // inputs (which take the scalar path: W = 1).
