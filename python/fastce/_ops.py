@@ -53,13 +53,18 @@ def _backward_inplace_fake(grad_loss, grad_z_loss, input, target, weight, lse, t
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    (input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap,
-     lse_square_scale, inplace_backward) = inputs
-    _, _, lse, total_weight = output
+def _save_for_backward(ctx, input, target, weight, options, lse, total_weight):
+    # options: the op's arguments after `weight` (reduction ... inplace_backward)
     ctx.save_for_backward(input, target, weight, lse, total_weight)
-    ctx.options = (reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale)
-    ctx.inplace_backward = inplace_backward
+    ctx.options = options[:-1]
+    ctx.inplace_backward = options[-1]
+    ctx.set_materialize_grads(False)  # _backward takes None for unused outputs: no zero tensors
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, *options = inputs
+    _, _, lse, total_weight = output
+    _save_for_backward(ctx, input, target, weight, tuple(options), lse, total_weight)
     ctx.mark_non_differentiable(lse, total_weight)
 
 
@@ -73,6 +78,8 @@ def _tracing(t):
 
 
 def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):
+    if grad_loss is None and grad_z_loss is None:
+        return (None,) * 10
     input, target, weight, lse, total_weight = ctx.saved_tensors
     if grad_z_loss is None:
         grad_z_loss = torch.zeros_like(grad_loss)
@@ -118,16 +125,20 @@ def _call_below_autograd(op, *args):
 
 
 class _EagerCrossEntropy(torch.autograd.Function):
+    # Four inputs and two outputs rather than the op's ten and four: autograd's per-argument
+    # bookkeeping is a good part of the cost on small batches.
     @staticmethod
-    def forward(ctx, *args):
-        output = _call_below_autograd(ops.cross_entropy_forward.default, *args)
-        _setup_context(ctx, args, output)
+    def forward(ctx, input, target, weight, options):
+        loss, z_loss, lse, total_weight = _call_below_autograd(
+            ops.cross_entropy_forward.default, input, target, weight, *options)
+        _save_for_backward(ctx, input, target, weight, options, lse, total_weight)
         ctx.eager = True  # known untraced: _backward skips that test
-        return output
+        return loss, z_loss
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+    def backward(ctx, grad_loss, grad_z_loss):
+        grads = _backward(ctx, grad_loss, grad_z_loss, None, None)
+        return grads[0], grads[1], None, None
 
 
 def _plain_eager(input, target):
@@ -137,13 +148,15 @@ def _plain_eager(input, target):
             and not torch._C._is_torch_function_mode_enabled())
 
 
-def cross_entropy_forward(input, target, *args):
-    """torch.ops.fastce.cross_entropy_forward, through the eager fast path when it applies."""
+def cross_entropy_loss(input, target, weight, *options):
+    """(loss, z_loss) of torch.ops.fastce.cross_entropy_forward (same arguments), through the
+    eager fast path when it applies."""
     if not _plain_eager(input, target):
-        return ops.cross_entropy_forward(input, target, *args)
+        return ops.cross_entropy_forward(input, target, weight, *options)[:2]
     if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
-        return _EagerCrossEntropy.apply(input, target, *args)
-    return _call_below_autograd(ops.cross_entropy_forward.default, input, target, *args)
+        return _EagerCrossEntropy.apply(input, target, weight, options)
+    return _call_below_autograd(ops.cross_entropy_forward.default, input, target, weight,
+                                *options)[:2]
 
 
 def _no_double_backward(ctx, *grads):

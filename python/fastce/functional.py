@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._ops import cross_entropy_forward
+from ._ops import cross_entropy_loss
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -85,7 +85,7 @@ def cross_entropy(
             raise RuntimeError(
                 "inplace_backward=True would overwrite a leaf tensor that requires grad with its "
                 "gradient; pass a tensor computed in the graph (e.g. the output of the LM head)")
-    loss, z_loss, _, _ = cross_entropy_forward(
+    loss, z_loss = cross_entropy_loss(
         input, target, weight, reduction_enum, ignore_index, float(label_smoothing),
         float(logit_scale), None if softcap is None else float(softcap), float(lse_square_scale),
         bool(inplace_backward))
