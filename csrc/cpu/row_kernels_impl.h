@@ -101,6 +101,20 @@ FASTCE_INLINE vf loadv(const f16* p) {
   return v;
 #endif
 }
+#if FASTCE_VW == 16
+// The first n (< 16) values at p as floats, zeros after them; nothing past p + n is read.
+FASTCE_INLINE __mmask16 first_lanes(int n) { return __mmask16((1u << n) - 1u); }
+FASTCE_INLINE vf load_first(const float* p, int n) {
+  return (vf)_mm512_maskz_loadu_ps(first_lanes(n), p);
+}
+FASTCE_INLINE vf load_first(const bf16* p, int n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), p);
+  return (vf)((vu)_mm512_maskz_cvtepu16_epi32(0xFFFF, h) << 16);
+}
+FASTCE_INLINE vf load_first(const f16* p, int n) {
+  return (vf)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_maskz_loadu_epi16(first_lanes(n), p));
+}
+#endif
 // Class weights are stored in the accumulation type.
 FASTCE_INLINE vf loadw(const float* p) { return loadv(p); }
 FASTCE_INLINE double loadw(const double* p) { return *p; }
@@ -327,8 +341,25 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
         acc_wy += yw;
       }
     }
+#if FASTCE_VW == 16
+    // Plain rows (no sums besides the exponentials): the tail is one masked vector whose
+    // empty lanes hold -inf, which also pads the buffer. Short rows (C = 10) are all tail.
+    constexpr bool kMaskedTail = !HasY && !SumZ && W == 16;
+    if constexpr (kMaskedTail) {
+      if (nv < n) {
+        const int tail = int(n - nv);
+        const R z = tf.template z<M>(load_first(x + b0 + nv, tail));
+        const __m512 empty = (__m512)splat(-std::numeric_limits<S>::infinity());
+        const R zt = (vf)_mm512_mask_blend_ps(first_lanes(tail), empty, (__m512)z);
+        storev(zbuf + nv, zt);
+        vm = vmax(vm, zt);
+      }
+    }
+#else
+    constexpr bool kMaskedTail = false;
+#endif
     S m = hmax(vm);
-    for (int64_t i = nv; i < n; ++i) {
+    for (int64_t i = kMaskedTail ? n : nv; i < n; ++i) {
       const int64_t c = b0 + i;
       const S z = tf.template z1<M>(S(load1(x + c)));
       zbuf[i] = z;
@@ -347,7 +378,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
     }
     // Pad the tail with -inf (exp gives 0) so the exponentials are all vector work.
     const int64_t padded = (n + W - 1) / W * W;
-    for (int64_t i = n; i < padded; ++i) zbuf[i] = -std::numeric_limits<S>::infinity();
+    for (int64_t i = kMaskedTail ? padded : n; i < padded; ++i) zbuf[i] = -std::numeric_limits<S>::infinity();
     // The exponentials touch no memory: fetch the next block meanwhile (one line a step;
     // a prefetch past the row's end is harmless).
     const char* next = reinterpret_cast<const char*>(x + b0 + n);
