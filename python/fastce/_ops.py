@@ -1,9 +1,15 @@
-"""Op registration on the Python side: fake (meta) kernels for tracing and autograd.
+"""Op registration on the Python side: fake (meta) kernels for tracing, autograd, and the eager
+fast path that applies the same autograd formula with less Python per call.
 
 The schemas and the CPU/CUDA kernels live in C++ (csrc/); `import fastce._C` loads them.
 """
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+except ImportError:  # a torch without it: always take the registered autograd path
+    def is_in_torch_dispatch_mode():
+        return True
 
 from . import _C  # noqa: F401  (registers torch.ops.fastce.*)
 
