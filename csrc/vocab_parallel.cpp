@@ -122,8 +122,7 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const 
   cpu::for_each_piece(p.rows, p.classes, [&](int64_t, int64_t r, int64_t begin, int64_t end) {
     char* gx_row = gx + r * p.classes * elem;
     if (t[r] == ignore_index) {
-      // a shard of 0 classes has no buffer (null data): memset must not see it
-      if (end > begin) std::memset(gx_row + begin * elem, 0, (end - begin) * elem);
+      std::memset(gx_row + begin * elem, 0, (end - begin) * elem);
       return;
     }
     const int64_t local = t[r] - start;

@@ -241,8 +241,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   rows.for_each_piece([&](int64_t, int64_t r, int64_t begin, int64_t end) {
     char* gx_row = gx + r * gx_stride;
     if (rows.ignored(r)) {
-      // 0 classes: no buffer (null data): memset must not see it
-      if (end > begin) std::memset(gx_row + begin * elem, 0, (end - begin) * elem);
+      std::memset(gx_row + begin * elem, 0, (end - begin) * elem);
       return;
     }
     const double g = (per_row ? glp[r] : glp[0]) / div;

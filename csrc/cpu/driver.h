@@ -40,9 +40,12 @@ inline int64_t pieces_per_row(int64_t classes) {
 }
 
 // Runs f(task, row, begin, end) over every (row, piece) task, in parallel. Rows longer
-// than kPiece are split so that few-row problems use every core.
+// than kPiece are split so that few-row problems use every core. Rows of 0 classes have
+// no task (their buffers have no data; callers keep default statistics for them), so
+// every task has begin < end.
 template <class F>
 void for_each_piece(int64_t rows, int64_t classes, F&& f) {
+  if (classes == 0) return;
   const int64_t np = pieces_per_row(classes);
   const int64_t grain = std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, std::min(classes, kPiece)));
   at::parallel_for(0, rows * np, grain, [&](int64_t b, int64_t e) {
