@@ -77,14 +77,20 @@ FASTCE_INLINE void store1(f16* p, float v) { p->bits = float_to_f16(v); }
 FASTCE_INLINE vf splat(float a) { return vf{} + a; }
 FASTCE_INLINE double splat(double a) { return a; }
 
+#if FASTCE_VW == 16
+// 16 bfloat16 / half values (in a 256-bit register) as floats. bfloat16: one vpmovzxwd
+// (GCC splits __builtin_convertvector into 256-bit halves: five instructions).
+FASTCE_INLINE vf widen(const bf16*, __m256i h) {
+  return (vf)((vu)_mm512_maskz_cvtepu16_epi32(0xFFFF, h) << 16);
+}
+FASTCE_INLINE vf widen(const f16*, __m256i h) { return (vf)_mm512_maskz_cvtph_ps(0xFFFF, h); }
+#endif
+
 FASTCE_INLINE vf loadv(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 FASTCE_INLINE double loadv(const double* p) { return *p; }
 FASTCE_INLINE vf loadv(const bf16* p) {
 #if FASTCE_VW == 16
-  // One vpmovzxwd: GCC splits __builtin_convertvector into 256-bit halves (five instructions).
-  const __m512i u =
-      _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return (vf)((vu)u << 16);
+  return widen(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #else
   vh h; std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
@@ -92,7 +98,7 @@ FASTCE_INLINE vf loadv(const bf16* p) {
 }
 FASTCE_INLINE vf loadv(const f16* p) {
 #if FASTCE_F16C && FASTCE_VW == 16
-  return (vf)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return widen(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif FASTCE_F16C && FASTCE_VW == 8
   return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
@@ -107,12 +113,9 @@ FASTCE_INLINE __mmask16 first_lanes(int n) { return __mmask16((1u << n) - 1u); }
 FASTCE_INLINE vf load_first(const float* p, int n) {
   return (vf)_mm512_maskz_loadu_ps(first_lanes(n), p);
 }
-FASTCE_INLINE vf load_first(const bf16* p, int n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), p);
-  return (vf)((vu)_mm512_maskz_cvtepu16_epi32(0xFFFF, h) << 16);
-}
-FASTCE_INLINE vf load_first(const f16* p, int n) {
-  return (vf)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_maskz_loadu_epi16(first_lanes(n), p));
+template <class T16>
+FASTCE_INLINE vf load_first(const T16* p, int n) {
+  return widen(p, _mm256_maskz_loadu_epi16(first_lanes(n), p));
 }
 #endif
 // Class weights are stored in the accumulation type.
