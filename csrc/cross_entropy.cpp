@@ -134,7 +134,8 @@ Problem prepare(const at::Tensor& input, const at::Tensor& target,
 }
 
 at::Tensor grad_to_input_layout(const at::Tensor& grad2d, const at::Tensor& input) {
-  if (input.dim() <= 2) return grad2d.view(input.sizes());
+  if (input.dim() == 2) return grad2d;  // already (rows, classes): no view to make
+  if (input.dim() < 2) return grad2d.view(input.sizes());
   std::vector<int64_t> shape{input.size(0)};
   for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
   shape.push_back(input.size(1));

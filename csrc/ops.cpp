@@ -29,12 +29,14 @@ TORCH_LIBRARY(fastce, m) {
   // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float64 log-sum-exp of
   // each row's transformed logits (float64 keeps z - lse exact for large logits);
   // total_weight: the mean's divisor (float32, float64 for float64 input).
-  // reduction: 0 none, 1 mean, 2 sum (torch's enum).
+  // reduction: 0 none, 1 mean, 2 sum (torch's enum). grad_input: with compute_grad, the
+  // gradient of the logits for grad_loss = 1 and grad_z_loss = 0 (what cross_entropy_backward
+  // returns for them, bit for bit), computed while the rows are in cache; else empty.
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float logit_scale, float? softcap, "
-      "float lse_square_scale, bool inplace_backward) "
-      "-> (Tensor loss, Tensor z_loss, Tensor lse, Tensor total_weight)");
+      "float lse_square_scale, bool inplace_backward, bool compute_grad=False) "
+      "-> (Tensor loss, Tensor z_loss, Tensor lse, Tensor total_weight, Tensor grad_input)");
   // grad_target is empty unless compute_grad_target and the target holds probabilities.
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor grad_z_loss, Tensor input, Tensor target, "

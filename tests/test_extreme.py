@@ -306,7 +306,7 @@ def test_backward_op_checks_sizes():
     code = """
 import torch, fastce
 x, t = torch.randn(300, 5), torch.randint(0, 5, (300,))
-_, _, lse, total = torch.ops.fastce.cross_entropy_forward(x, t, None, 0, -100, 0.0, 1.0, None, 0.0, False)
+_, _, lse, total, _ = torch.ops.fastce.cross_entropy_forward(x, t, None, 0, -100, 0.0, 1.0, None, 0.0, False)
 for short in ("grad_loss", "grad_z_loss", "lse"):
     args = dict(grad_loss=torch.ones(300), grad_z_loss=torch.zeros(300), lse=lse)
     args[short] = args[short][:1]

@@ -36,12 +36,13 @@ def cases(device):
 def test_opcheck_forward(device):
     for args in cases(device):
         torch.library.opcheck(ops.cross_entropy_forward, args)
+        torch.library.opcheck(ops.cross_entropy_forward, (*args, True))  # compute_grad
 
 
 def test_opcheck_backward(device):
     for args in cases(device):
         x, t = args[0], args[1]
-        loss, zl, lse, tw = ops.cross_entropy_forward(*args)
+        loss, zl, lse, tw, _ = ops.cross_entropy_forward(*args)
         g = torch.rand_like(loss)
         bargs = (g, torch.rand_like(zl), x.detach(), t.detach(), args[2], lse, tw, *args[3:9])
         torch.library.opcheck(ops.cross_entropy_backward, (*bargs, t.shape == x.shape))

@@ -149,20 +149,125 @@ double ordered_sum(const std::vector<double>& v) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+// log-sum-exp of a row from its merged statistics (NaN when a logit is NaN or all are -inf).
+double row_lse(const cpu::PieceStats& st) {
+  return (st.has_nan || st.max == -INFINITY) ? NAN : st.max + std::log(st.sumexp);
+}
+
+// The mean's divisor as the backward reads it back from the op's total_weight output
+// (rounded to the accumulation type), so that a gradient computed in the forward pass
+// is bitwise the one the backward op computes.
+double mean_divisor(const Rows& rows, int64_t reduction) {
+  if (reduction != kMean) return 1.0;
+  return rows.p.acc_type == at::kDouble ? rows.total_weight : double(float(rows.total_weight));
+}
+
+// Coefficients of the gradient of row r (not ignored) for the incoming gradients g of its
+// loss and g_z of its z-loss, both already divided by the mean's divisor.
+// sum_wy: probability targets' sum of w_c * y_c over the row.
+cpu::GradCoef row_grad_coef(const Rows& rows, int64_t r, double g, double g_z, double lse, double sum_wy) {
+  const double eps = rows.opt.label_smoothing, C = double(rows.p.classes), s = rows.opt.lse_square_scale;
+  const double smooth = eps > 0 ? eps / C * rows.weight_sum : 0.0;
+  cpu::GradCoef k{};
+  k.lse = lse;
+  k.coef_w = eps > 0 ? g * eps / C : 0.0;
+  if (rows.p.prob) {
+    k.coef_p = g * ((1.0 - eps) * sum_wy + smooth) + 2.0 * s * lse * (g + g_z);
+    k.coef_wy = g * (1.0 - eps);
+    k.coef_grad_y = g * (1.0 - eps);
+    k.target = -1;
+  } else {
+    const double w_r = rows.row_weight[r];
+    k.coef_p = g * ((1.0 - eps) * w_r + smooth) + 2.0 * s * w_r * lse * (g + g_z);
+    k.target = rows.target[r];
+    k.coef_target = g * (1.0 - eps) * w_r;
+  }
+  return k;
+}
+
+// Where a gradient is written: gx (and gy for probability targets), rows `stride` bytes apart.
+struct GradOut {
+  char* gx = nullptr;
+  char* gy = nullptr;
+  int64_t gx_stride = 0, gy_stride = 0, elem = 0;
+  GradOut(at::Tensor* gx2d, at::Tensor* gy2d) {
+    if (!gx2d) return;
+    elem = gx2d->element_size();
+    gx = static_cast<char*>(gx2d->data_ptr());
+    gx_stride = gx2d->stride(0) * elem;
+    if (gy2d) {
+      gy = static_cast<char*>(gy2d->data_ptr());
+      gy_stride = gy2d->stride(0) * elem;
+    }
+  }
+  // Writes the gradient of x[begin, end) of row r; ignored rows get zeros.
+  void write(const Rows& rows, int64_t r, int64_t begin, int64_t end, const cpu::GradCoef* coef) const {
+    char* gx_row = gx + r * gx_stride;
+    if (!coef) {
+      std::memset(gx_row + begin * elem, 0, (end - begin) * elem);
+      return;
+    }
+    rows.k.piece_grad(rows.cfg, rows.x_row(r), rows.y_row(r), gx_row, gy ? gy + r * gy_stride : nullptr,
+                      begin, end, *coef);
+  }
+};
+
+// The probability targets' sum of w_c * y_c of row r (0 for class-index targets).
+double row_sum_wy(const Rows& rows, int64_t r) {
+  return rows.p.prob ? rows.k.sum_wy(rows.cfg, rows.y_row(r), 0, rows.p.classes) : 0.0;
+}
+
+void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, const Problem& p,
+                   const Options& opt, const at::Tensor& lse_t, const at::Tensor& total_weight,
+                   at::Tensor& gx2d, at::Tensor* gy2d);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
-    std::optional<double> softcap, double lse_square_scale, bool /*inplace_backward*/) {
+    std::optional<double> softcap, double lse_square_scale, bool /*inplace_backward*/,
+    bool compute_grad) {
   const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
                                    lse_square_scale);
   const Problem p = prepare(input, target, weight, opt);
   const Rows rows(p, opt);
   const int64_t np = rows.pieces();
 
+  // compute_grad: the gradient for grad_loss = 1 and grad_z_loss = 0. With enough rows to
+  // balance the threads, a task is a whole row: its statistics, then its gradient while the
+  // row is still in cache. Few long rows are split into pieces (for_each_piece), and get
+  // their gradient after the pieces' statistics are merged.
   std::vector<cpu::PieceStats> stats(p.rows * np);
-  rows.for_each_piece([&](int64_t task, int64_t r, int64_t begin, int64_t end) {
-    if (!rows.ignored(r)) rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &stats[task]);
-  });
+  at::Tensor gx2d;
+  if (compute_grad) gx2d = new_grad_buffer(p.rows, p.classes, input.options());
+  const bool grad_in_pass =
+      compute_grad && p.classes > 0 && (np == 1 || p.rows >= 4 * at::get_num_threads());
+  if (grad_in_pass) {
+    const GradOut out(&gx2d, nullptr);
+    const double div = mean_divisor(rows, reduction);
+    const double g = 1.0 / div, g_z = 0.0 / div;  // as the backward op computes them
+    const int64_t grain = std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, p.classes));
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (rows.ignored(r)) {
+          out.write(rows, r, 0, p.classes, nullptr);
+          continue;
+        }
+        cpu::PieceStats* row_stats = &stats[r * np];
+        for (int64_t j = 0; j < np; ++j) {
+          const int64_t begin = j * cpu::kPiece, end = std::min(p.classes, begin + cpu::kPiece);
+          rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &row_stats[j]);
+        }
+        cpu::PieceStats st = row_stats[0];
+        for (int64_t j = 1; j < np; ++j) cpu::merge_stats(st, row_stats[j]);
+        const cpu::GradCoef k = row_grad_coef(rows, r, g, g_z, row_lse(st), row_sum_wy(rows, r));
+        out.write(rows, r, 0, p.classes, &k);
+      }
+    });
+  } else {
+    rows.for_each_piece([&](int64_t task, int64_t r, int64_t begin, int64_t end) {
+      if (!rows.ignored(r)) rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &stats[task]);
+    });
+  }
 
   const double eps = opt.label_smoothing, C = double(p.classes), s = opt.lse_square_scale;
   std::vector<double> loss(p.rows), zloss(p.rows), lse(p.rows);
@@ -174,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
       }
       cpu::PieceStats st = stats[r * np];
       for (int64_t j = 1; j < np; ++j) cpu::merge_stats(st, stats[r * np + j]);
-      const double l = (st.has_nan || st.max == -INFINITY) ? NAN : st.max + std::log(st.sumexp);
+      const double l = row_lse(st);
       double ce;
       if (p.prob) {
         // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
@@ -203,8 +308,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     loss_out = rows_tensor({ordered_sum(loss) / div + nan_if_empty}, {}, dtype);
     zloss_out = rows_tensor({ordered_sum(zloss) / div + nan_if_empty}, {}, dtype);
   }
-  return {loss_out, zloss_out, rows_tensor(lse, p.row_shape, at::kDouble),
-          rows_tensor({rows.total_weight}, {}, p.acc_type)};
+  at::Tensor lse_out = rows_tensor(lse, p.row_shape, at::kDouble);
+  at::Tensor total_weight_out = rows_tensor({rows.total_weight}, {}, p.acc_type);
+  at::Tensor grad_out = at::empty({0}, input.options());
+  if (compute_grad) {
+    if (!grad_in_pass) {  // few rows of several pieces: their lse is known only now
+      const int64_t n_grad = reduction == kNone ? p.rows : 1;
+      backward_into(at::ones({n_grad}, at::kDouble), at::zeros({n_grad}, at::kDouble), p, opt, lse_out,
+                    total_weight_out, gx2d, nullptr);
+    }
+    grad_out = grad_to_input_layout(gx2d, input);
+  }
+  return {loss_out, zloss_out, lse_out, total_weight_out, grad_out};
 }
 
 // Writes the gradient of the logits (and of probability targets) into gx2d / gy2d.
@@ -218,53 +333,23 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   const std::vector<double> gl = read_doubles(grad_loss, n_grad, "grad_loss");
   const std::vector<double> gz = read_doubles(grad_zloss, n_grad, "grad_z_loss");
   const std::vector<double> lse_rows = read_doubles(lse_t, p.rows, "lse");
-  const double* glp = gl.data();
-  const double* gzp = gz.data();
-  const double* lsep = lse_rows.data();
 
   std::vector<double> sum_wy;
   if (p.prob) {
     sum_wy.resize(p.rows);
     at::parallel_for(0, p.rows, std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, p.classes)),
                      [&](int64_t b, int64_t e) {
-                       for (int64_t r = b; r < e; ++r) sum_wy[r] = rows.k.sum_wy(rows.cfg, rows.y_row(r), 0, p.classes);
+                       for (int64_t r = b; r < e; ++r) sum_wy[r] = row_sum_wy(rows, r);
                      });
   }
 
-  const double eps = opt.label_smoothing, C = double(p.classes), s = opt.lse_square_scale;
-  const int64_t elem = gx2d.element_size();
-  char* gx = static_cast<char*>(gx2d.data_ptr());
-  const int64_t gx_stride = gx2d.stride(0) * elem;
-  char* gy = gy2d ? static_cast<char*>(gy2d->data_ptr()) : nullptr;
-  const int64_t gy_stride = gy2d ? gy2d->stride(0) * elem : 0;
-
+  const GradOut out(&gx2d, gy2d);
   rows.for_each_piece([&](int64_t, int64_t r, int64_t begin, int64_t end) {
-    char* gx_row = gx + r * gx_stride;
-    if (rows.ignored(r)) {
-      std::memset(gx_row + begin * elem, 0, (end - begin) * elem);
-      return;
-    }
-    const double g = (per_row ? glp[r] : glp[0]) / div;
-    const double g_z = (per_row ? gzp[r] : gzp[0]) / div;
-    const double lse = lsep[r];
-    const double w_r = rows.row_weight[r];
-    cpu::GradCoef k{};
-    k.lse = lse;
-    k.coef_w = eps > 0 ? g * eps / C : 0.0;
-    if (p.prob) {
-      k.coef_p = g * ((1.0 - eps) * sum_wy[r] + (eps > 0 ? eps / C * rows.weight_sum : 0.0)) +
-                 2.0 * s * lse * (g + g_z);
-      k.coef_wy = g * (1.0 - eps);
-      k.coef_grad_y = g * (1.0 - eps);
-      k.target = -1;
-    } else {
-      k.coef_p = g * ((1.0 - eps) * w_r + (eps > 0 ? eps / C * rows.weight_sum : 0.0)) +
-                 2.0 * s * w_r * lse * (g + g_z);
-      k.target = rows.target[r];
-      k.coef_target = g * (1.0 - eps) * w_r;
-    }
-    rows.k.piece_grad(rows.cfg, rows.x_row(r), rows.y_row(r), gx_row, gy ? gy + r * gy_stride : nullptr,
-                      begin, end, k);
+    if (rows.ignored(r)) return out.write(rows, r, begin, end, nullptr);
+    const int64_t i = per_row ? r : 0;
+    const cpu::GradCoef k = row_grad_coef(rows, r, gl[i] / div, gz[i] / div, lse_rows[r],
+                                          p.prob ? sum_wy[r] : 0.0);
+    out.write(rows, r, begin, end, &k);
   });
 }
 

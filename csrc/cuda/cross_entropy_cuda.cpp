@@ -78,10 +78,15 @@ struct View {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, const at::Tensor& input,
+                   const Problem& p, const Options& opt, const at::Tensor& lse,
+                   const at::Tensor& total_weight, at::Tensor& gx2d, at::Tensor* gy2d);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
-    std::optional<double> softcap, double lse_square_scale, bool /*inplace_backward*/) {
+    std::optional<double> softcap, double lse_square_scale, bool /*inplace_backward*/,
+    bool compute_grad) {
   const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
                                    lse_square_scale);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -117,9 +122,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     loss = row_loss.to(input.scalar_type()).view(p.row_shape);
     zloss = row_zloss.to(input.scalar_type()).view(p.row_shape);
   }
+  // compute_grad: the backward kernel for unit gradients, queued right after (no fused
+  // kernel on CUDA yet; the eager fast path asks for it on the CPU only).
+  at::Tensor grad = at::empty({0}, input.options());
+  if (compute_grad) {
+    const int64_t n_grad = reduction == kNone ? p.rows : 1;
+    at::Tensor gx2d = at::empty({p.rows, p.classes}, input.options());
+    backward_into(at::ones({n_grad}, acc), at::zeros({n_grad}, acc), input, p, opt, lse, total_weight, gx2d,
+                  nullptr);
+    grad = grad_to_input_layout(gx2d, input);
+  }
   // The op's lse is float64 on every device (the CPU kernels need its precision); the CUDA
   // kernels keep float32 and use a correction for the target's gradient (docs/CUDA.md).
-  return {loss, zloss, lse.to(at::kDouble).view(p.row_shape), total_weight};
+  return {loss, zloss, lse.to(at::kDouble).view(p.row_shape), total_weight, grad};
 }
 
 // Writes the gradient of the logits (and of probability targets) into gx2d / gy2d.

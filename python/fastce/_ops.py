@@ -35,13 +35,14 @@ def _check_devices(input, *others):
 
 @torch.library.register_fake("fastce::cross_entropy_forward")
 def _forward_fake(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
-                  softcap, lse_square_scale, inplace_backward):
+                  softcap, lse_square_scale, inplace_backward, compute_grad=False):
     _check_devices(input, target, weight)
     rows = _row_shape(input)
     loss_shape = rows if reduction == 0 else ()
     acc = _acc_dtype(input)
     return (input.new_empty(loss_shape), input.new_empty(loss_shape),
-            input.new_empty(rows, dtype=torch.float64), input.new_empty((), dtype=acc))
+            input.new_empty(rows, dtype=torch.float64), input.new_empty((), dtype=acc),
+            input.new_empty(input.shape if compute_grad else (0,)))
 
 
 @torch.library.register_fake("fastce::cross_entropy_backward")
@@ -59,19 +60,22 @@ def _backward_inplace_fake(grad_loss, grad_z_loss, input, target, weight, lse, t
     return None
 
 
+_BACKWARD_OPTIONS = 6  # reduction ... lse_square_scale: the options the backward ops take
+
+
 def _save_for_backward(ctx, input, target, weight, options, lse, total_weight):
-    # options: the op's arguments after `weight` (reduction ... inplace_backward)
+    # options: the op's arguments after `weight` (reduction ... inplace_backward[, compute_grad])
     ctx.save_for_backward(input, target, weight, lse, total_weight)
-    ctx.options = options[:-1]
-    ctx.inplace_backward = options[-1]
+    ctx.options = options[:_BACKWARD_OPTIONS]
+    ctx.inplace_backward = options[_BACKWARD_OPTIONS]
     ctx.set_materialize_grads(False)  # _backward takes None for unused outputs: no zero tensors
 
 
 def _setup_context(ctx, inputs, output):
     input, target, weight, *options = inputs
-    _, _, lse, total_weight = output
+    _, _, lse, total_weight, grad_input = output
     _save_for_backward(ctx, input, target, weight, tuple(options), lse, total_weight)
-    ctx.mark_non_differentiable(lse, total_weight)
+    ctx.mark_non_differentiable(lse, total_weight, grad_input)
 
 
 def _tracing(t):
@@ -83,9 +87,9 @@ def _tracing(t):
             or torch._is_functional_tensor(t))
 
 
-def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):
+def _backward(ctx, grad_loss, grad_z_loss, *_grads_of_non_differentiable_outputs):
     if grad_loss is None and grad_z_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     input, target, weight, lse, total_weight = ctx.saved_tensors
     if grad_z_loss is None:
         grad_z_loss = torch.zeros_like(grad_loss)
@@ -110,8 +114,7 @@ def _backward(ctx, grad_loss, grad_z_loss, _grad_lse, _grad_total_weight):
                                    else backward_op(*args))
         if not want_target_grad:
             grad_target = None
-    return (grad_input if ctx.needs_input_grad[0] else None, grad_target,
-            None, None, None, None, None, None, None, None)
+    return (grad_input if ctx.needs_input_grad[0] else None, grad_target) + (None,) * 9
 
 
 torch.library.register_autograd("fastce::cross_entropy_forward", _backward,
@@ -130,20 +133,44 @@ def _call_below_autograd(op, *args):
         return op(*args)
 
 
+def _gradient_in_forward(input, target, options):
+    # On the CPU, a reduced loss whose logits need a gradient gets it in the forward pass:
+    # each row is read from memory once instead of twice, and a step is one op call, not
+    # two. It is used when the backward's grad_loss is exactly 1 (loss.backward()); any
+    # other incoming gradient recomputes it. Not for probability targets that need a
+    # gradient themselves, and not with inplace_backward (the logits must stay intact until
+    # the backward pass).
+    reduction, inplace_backward = options[0], options[_BACKWARD_OPTIONS]
+    return (input.is_cpu and input.requires_grad and reduction != 0 and not inplace_backward
+            and not target.requires_grad)
+
+
 class _EagerCrossEntropy(torch.autograd.Function):
-    # Four inputs and two outputs rather than the op's ten and four: autograd's per-argument
-    # bookkeeping is a good part of the cost on small batches.
+    # Four inputs and two outputs rather than the op's eleven and five: autograd's
+    # per-argument bookkeeping is a good part of the cost on small batches.
     @staticmethod
     def forward(ctx, input, target, weight, options):
-        loss, z_loss, lse, total_weight = _call_below_autograd(
-            ops.cross_entropy_forward.default, input, target, weight, *options)
+        compute_grad = _gradient_in_forward(input, target, options)
+        loss, z_loss, lse, total_weight, grad_input = _call_below_autograd(
+            ops.cross_entropy_forward.default, input, target, weight, *options, compute_grad)
         _save_for_backward(ctx, input, target, weight, options, lse, total_weight)
+        ctx.grad_input = grad_input if compute_grad else None
         ctx.eager = True  # known untraced: _backward skips that test
         return loss, z_loss
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z_loss):
-        grads = _backward(ctx, grad_loss, grad_z_loss, None, None)
+        grad_input, ctx.grad_input = ctx.grad_input, None  # once: a second backward recomputes
+        if grad_input is not None:
+            # It is the gradient of the loss as computed, even if the logits were modified in
+            # place since (torch's own gradient does not read them either). Recomputing reads
+            # them: then autograd's version check raises.
+            # (create_graph=True needs a gradient that autograd can differentiate: _backward)
+            if (grad_z_loss is None and grad_loss is not None and not torch.is_grad_enabled()
+                    and grad_loss.item() == 1.0):
+                return grad_input, None, None, None
+            del grad_input  # free it before the backward op allocates the recomputed one
+        grads = _backward(ctx, grad_loss, grad_z_loss)
         return grads[0], grads[1], None, None
 
 

@@ -117,8 +117,8 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
         logits = logits2d.view(end - start, classes, *spatial)
         if forward:
             # 'mean' is summed here and divided by the global total weight at the end.
-            loss_c, _, lse_c, _ = ops.cross_entropy_forward(
-                logits, t_c, weight, _NONE if reduction == _NONE else _SUM, *opts, inplace)
+            loss_c, _, lse_c = ops.cross_entropy_forward(
+                logits, t_c, weight, _NONE if reduction == _NONE else _SUM, *opts, inplace)[:3]
             lse[start:end] = lse_c
             if reduction == _NONE:
                 loss[start:end] = loss_c

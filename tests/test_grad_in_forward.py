@@ -1,0 +1,178 @@
+"""The gradient computed in the forward pass (cross_entropy_forward's compute_grad, used by the
+eager path on the CPU): bit for bit what the backward op computes, used only when the
+incoming gradient is exactly 1, and recomputed (or rejected like torch) otherwise."""
+import pytest
+import torch
+
+import fastce
+from fastce import _ops
+from reference import reference_cross_entropy
+
+ops = torch.ops.fastce
+
+OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.1, weight=True, ignore=2),
+    dict(logit_scale=0.7, softcap=5.0, lse_square_scale=1e-3, weight=True),
+]
+
+
+def _op_args(x, t, reduction, weight=False, ignore=-100, label_smoothing=0.0, logit_scale=1.0,
+             softcap=None, lse_square_scale=0.0):
+    C = x.shape[1] if x.dim() > 1 else x.shape[0]
+    w = torch.rand(C, dtype=x.dtype, device=x.device) + 0.5 if weight else None
+    return (x, t, w, reduction, ignore, label_smoothing, logit_scale, softcap, lse_square_scale, False)
+
+
+def _unit_backward(args, lse, total_weight):
+    x, t, w, reduction = args[:4]
+    shape = lse.shape if reduction == 0 else ()
+    ones = torch.ones(shape, dtype=x.dtype, device=x.device)
+    return ops.cross_entropy_backward(ones, torch.zeros_like(ones), x, t, w, lse, total_weight,
+                                      *args[3:9], False)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(64, 10), (5, 1), (9, 40000), (1, 70000), (3, 7, 4), (0, 5), (4, 0)], ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_op_gradient_is_the_backward_ops_bit_for_bit(device, dtype, shape, options):
+    # 40000 and 70000 classes: rows of two and three pieces, many rows (one task per row) and
+    # one row (split across threads, its gradient after the merge).
+    x = (torch.randn(shape, device=device) * 4).to(dtype)
+    C = shape[1]
+    t = torch.randint(0, max(C, 1), (shape[0], *shape[2:]), device=device)
+    if t.numel() > 1:
+        t.view(-1)[1] = options.get("ignore", -100)
+    for reduction in (0, 1, 2):
+        args = _op_args(x, t, reduction, **options)
+        if C == 0 and t.numel() > 0:
+            args = args[:1] + (t.fill_(options.get("ignore", -100)),) + args[2:]
+        plain = ops.cross_entropy_forward(*args)
+        fused = ops.cross_entropy_forward(*args, True)
+        for a, b in zip(plain[:4], fused[:4]):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        assert plain[4].numel() == 0 and fused[4].shape == x.shape
+        expected = _unit_backward(args, plain[2], plain[3])
+        assert torch.equal(fused[4].nan_to_num(), expected.nan_to_num()), (reduction, (fused[4] - expected).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_op_gradient_with_probability_targets(device, dtype):
+    x = torch.randn(12, 300, device=device).to(dtype)
+    y = torch.softmax(torch.randn(12, 300, device=device), 1).to(dtype)
+    for reduction in (1, 2):
+        args = (x, y, None, reduction, -100, 0.2, 1.0, None, 1e-3, False)
+        out = ops.cross_entropy_forward(*args, True)
+        assert torch.equal(out[4], _unit_backward(args, out[2], out[3]))
+
+
+def _count_backward_ops(monkeypatch):
+    calls = []
+    backward = _ops._backward
+    monkeypatch.setattr(_ops, "_backward", lambda *a: calls.append(1) or backward(*a))
+    return calls
+
+
+def _registered(fn):
+    # A torch function mode sends the call through torch.library's registered autograd, which
+    # has no gradient in the forward pass: the reference for the eager path.
+    class PassThrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    with PassThrough():
+        return fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [dict(), dict(reduction="sum", label_smoothing=0.1),
+                                     dict(lse_square_scale=1e-3, softcap=8.0)], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 0.25, 3.0])
+def test_eager_backward_uses_it_only_for_a_unit_gradient(monkeypatch, dtype, options, scale):
+    x = (torch.randn(33, 517) * 3).to(dtype)
+    t = torch.randint(0, 517, (33,))
+    calls = _count_backward_ops(monkeypatch)
+    grads = []
+    for run in (lambda f: f(), _registered):
+        h = x.clone().requires_grad_()
+        run(lambda: (fastce.cross_entropy(h, t, **options) * scale).backward())
+        grads.append(h.grad)
+    # scale 1: the eager pass used its forward gradient; otherwise it recomputed. The
+    # registered path always runs the backward op (its own autograd wrapper: not counted).
+    assert len(calls) == (0 if scale == 1.0 else 1)
+    assert torch.equal(grads[0], grads[1])
+    ref = x.double().requires_grad_()
+    (reference_cross_entropy(ref, t, **options) * scale).backward()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(grads[0].double(), ref.grad, rtol=tol, atol=tol * 1e-2)
+
+
+def test_z_loss_gradient_recomputes(monkeypatch):
+    x = torch.randn(16, 100, requires_grad=True)
+    t = torch.randint(0, 100, (16,))
+    calls = _count_backward_ops(monkeypatch)
+    loss, z = fastce.cross_entropy(x, t, lse_square_scale=1e-2, return_z_loss=True)
+    (loss + 10 * z).backward()
+    assert len(calls) == 1
+    ref = x.detach().double().requires_grad_()
+    rl, rz = reference_cross_entropy(ref, t, lse_square_scale=1e-2, return_z_loss=True)
+    (rl + 10 * rz).backward()
+    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_second_backward_recomputes_and_accumulates(monkeypatch):
+    x = torch.randn(8, 50, requires_grad=True)
+    t = torch.randint(0, 50, (8,))
+    calls = _count_backward_ops(monkeypatch)
+    loss = fastce.cross_entropy(x, t)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    assert len(calls) == 1  # the forward's gradient is used once; the second pass recomputes
+    assert torch.equal(x.grad, 2 * once)
+    g, = torch.autograd.grad(fastce.cross_entropy(x, t), x)
+    assert torch.equal(g, once)
+
+
+def test_logits_modified_in_place_after_the_forward():
+    # torch's gradient does not read the logits (log_softmax saves its output): changing them
+    # after the forward pass does not change it. The gradient of the forward pass is the same;
+    # a backward pass that must recompute (incoming gradient not 1) cannot, and says so.
+    x = torch.randn(4, 6, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    grads = []
+    for fn in (torch.nn.functional.cross_entropy, fastce.cross_entropy):
+        h = x * 1.0
+        loss = fn(h, t)
+        with torch.no_grad():
+            h.mul_(2)
+        grads.append(torch.autograd.grad(loss, x)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    h = x * 1.0
+    loss = fastce.cross_entropy(h, t)
+    with torch.no_grad():
+        h.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss * 2).backward()
+
+
+@pytest.mark.parametrize("case", ["inplace_backward", "reduction_none", "probability_target_grad", "plain"])
+def test_not_used_where_it_cannot_help(monkeypatch, case):
+    # inplace_backward keeps the logits intact until the backward pass, 'none' has per-row
+    # gradients, and probability targets that need their own gradient take the backward op.
+    x = torch.randn(5, 7)
+    target = torch.randint(0, 7, (5,))
+    kwargs = {}
+    if case == "inplace_backward":
+        kwargs["inplace_backward"] = True
+    elif case == "reduction_none":
+        kwargs["reduction"] = "none"
+    elif case == "probability_target_grad":
+        target = torch.softmax(torch.randn(5, 7), 1).requires_grad_()
+    calls = _count_backward_ops(monkeypatch)
+    h = x.clone().requires_grad_()
+    fastce.cross_entropy(h * 1.0, target, **kwargs).sum().backward()
+    assert len(calls) == (0 if case == "plain" else 1)
+    ref = x.double().requires_grad_()
+    reference_cross_entropy(ref, target.detach() if target.is_floating_point() else target,
+                            reduction=kwargs.get("reduction", "mean")).sum().backward()
+    torch.testing.assert_close(h.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
