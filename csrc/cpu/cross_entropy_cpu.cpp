@@ -232,11 +232,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   const Rows rows(p, opt);
   const int64_t np = rows.pieces();
 
-  // compute_grad: the gradient for grad_loss = 1 and grad_z_loss = 0. With enough rows to
-  // balance the threads, a task is a whole row: its statistics, then its gradient while the
-  // row is still in cache. Few long rows are split into pieces (for_each_piece), and get
-  // their gradient after the pieces' statistics are merged.
+  // Row r's loss, z-loss and lse from its pieces' statistics; returns the lse.
+  const double eps = opt.label_smoothing, C = double(p.classes), s = opt.lse_square_scale;
   std::vector<cpu::PieceStats> stats(p.rows * np);
+  std::vector<double> loss(p.rows, 0.0), zloss(p.rows, 0.0), lse(p.rows, 0.0);  // 0: ignored rows
+  auto finish_row = [&](int64_t r) {
+    cpu::PieceStats st = stats[r * np];
+    for (int64_t j = 1; j < np; ++j) cpu::merge_stats(st, stats[r * np + j]);
+    const double l = row_lse(st);
+    double ce;
+    if (p.prob) {
+      // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
+      ce = l * st.sum_wy - st.sum_wyz;  // the kernel folded the smoothing into y
+    } else {
+      const double w_t = rows.row_weight[r];
+      const double z_t = rows.k.transform_one(rows.cfg, rows.x_row(r), rows.target[r]);
+      ce = (1.0 - eps) * w_t * (l - z_t);
+      if (eps > 0) ce += eps / C * (l * rows.weight_sum - st.sum_wz);
+    }
+    zloss[r] = s > 0 ? s * rows.row_weight[r] * l * l : 0.0;
+    loss[r] = ce + zloss[r];
+    lse[r] = l;
+    return l;
+  };
+
+  // compute_grad: the gradient for grad_loss = 1 and grad_z_loss = 0. With enough rows to
+  // balance the threads, a task is a whole row: its statistics, loss, then gradient while
+  // the row is still in cache. Few long rows are split into pieces (for_each_piece), and get
+  // their gradient after the pieces' statistics are merged.
   at::Tensor gx2d;
   if (compute_grad) gx2d = new_grad_buffer(p.rows, p.classes, input.options());
   const bool grad_in_pass =
@@ -252,14 +275,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
           out.write(rows, r, 0, p.classes, nullptr);
           continue;
         }
-        cpu::PieceStats* row_stats = &stats[r * np];
         for (int64_t j = 0; j < np; ++j) {
           const int64_t begin = j * cpu::kPiece, end = std::min(p.classes, begin + cpu::kPiece);
-          rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &row_stats[j]);
+          rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &stats[r * np + j]);
         }
-        cpu::PieceStats st = row_stats[0];
-        for (int64_t j = 1; j < np; ++j) cpu::merge_stats(st, row_stats[j]);
-        const cpu::GradCoef k = row_grad_coef(rows, r, g, g_z, row_lse(st), row_sum_wy(rows, r));
+        const cpu::GradCoef k = row_grad_coef(rows, r, g, g_z, finish_row(r), row_sum_wy(rows, r));
         out.write(rows, r, 0, p.classes, &k);
       }
     });
@@ -267,34 +287,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     rows.for_each_piece([&](int64_t task, int64_t r, int64_t begin, int64_t end) {
       if (!rows.ignored(r)) rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &stats[task]);
     });
+    at::parallel_for(0, p.rows, std::max<int64_t>(1, 4096 / np), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        if (!rows.ignored(r)) finish_row(r);
+    });
   }
-
-  const double eps = opt.label_smoothing, C = double(p.classes), s = opt.lse_square_scale;
-  std::vector<double> loss(p.rows), zloss(p.rows), lse(p.rows);
-  at::parallel_for(0, p.rows, std::max<int64_t>(1, 4096 / np), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      if (rows.ignored(r)) {
-        loss[r] = zloss[r] = lse[r] = 0.0;
-        continue;
-      }
-      cpu::PieceStats st = stats[r * np];
-      for (int64_t j = 1; j < np; ++j) cpu::merge_stats(st, stats[r * np + j]);
-      const double l = row_lse(st);
-      double ce;
-      if (p.prob) {
-        // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
-        ce = l * st.sum_wy - st.sum_wyz;  // the kernel folded the smoothing into y
-      } else {
-        const double w_t = rows.row_weight[r];
-        const double z_t = rows.k.transform_one(rows.cfg, rows.x_row(r), rows.target[r]);
-        ce = (1.0 - eps) * w_t * (l - z_t);
-        if (eps > 0) ce += eps / C * (l * rows.weight_sum - st.sum_wz);
-      }
-      zloss[r] = s > 0 ? s * rows.row_weight[r] * l * l : 0.0;
-      loss[r] = ce + zloss[r];
-      lse[r] = l;
-    }
-  });
 
   const auto dtype = input.scalar_type();
   at::Tensor loss_out, zloss_out;
