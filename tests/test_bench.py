@@ -55,3 +55,21 @@ def test_peak_memory_of_eager_and_fastce():
     logits = 256 * 8192 * 4
     assert mem[(256, 8192, "float32", "eager")] >= 2 * logits
     assert 0.9 * logits <= mem[(256, 8192, "float32", "fastce")] <= 1.3 * logits
+
+
+def test_variants_of_a_case_are_timed_interleaved():
+    # One run of each in turn (slow drifts of the machine fall on all alike); a variant that
+    # fails is reported as its exception and does not stop the others.
+    calls = []
+
+    def run(name):
+        return (lambda: None), (lambda: calls.append(name) or name)
+
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+    timer = bench.Timer("cpu", repeats=5, budget_s=0.0)
+    a, b, c = timer.run_interleaved([run("a"), (lambda: None, broken), run("b")])
+    assert isinstance(b, RuntimeError)
+    assert a[1] == "a" and c[1] == "b" and a[0]["samples"] == c[0]["samples"] == 5
+    timed = calls[6:]  # after each one's first run and two estimates
+    assert calls[:6] == ["a"] * 3 + ["b"] * 3 and timed == ["a", "b"] * 5

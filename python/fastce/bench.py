@@ -13,6 +13,8 @@ What is timed:
   timer starts and freed after it stops: the copy stands for the LM head's output, whose
   allocation and release are not the loss's cost (the other variants' logits are not freed
   in the timer either). Every variant's own buffers are allocated and freed inside it.
+The variants of a case are timed interleaved (one run of each in turn, after each one's warm-up
+runs), so that the machine's slow drifts weigh on all of them alike.
 """
 import argparse
 import csv
@@ -173,7 +175,10 @@ def make_step(ce, logits, target, pass_, inplace):
 class Timer:
     """Medians of repeated single runs: perf_counter on CPU, CUDA events on CUDA.
 
-    On CUDA the L2 cache is flushed before every run, so each run reads its inputs from memory."""
+    The variants of one case are timed interleaved (one run of each in turn), so that the
+    machine's slow drifts (a noisy neighbour, frequency changes) fall on all of them alike and
+    the ratios between them stay fair. On CUDA the L2 cache is flushed before every run, so
+    each run reads its inputs from memory."""
 
     def __init__(self, device, repeats, budget_s):
         self.cuda = device == "cuda"
@@ -195,35 +200,57 @@ class Timer:
             torch.cuda.synchronize()
 
     def run(self, setup, step):
-        """Returns (stats, output of the first run). The first run (compilation, JIT, lazy
-        initialization) is reported apart and never counted."""
-        first_s, out = self._once(setup, step)
-        est = min(self._once(setup, step)[0] for _ in range(2))
-        n = max(self.repeats, min(MAX_SAMPLES, int(self.budget_s / max(est, 1e-6))))
-        samples = []
+        """(stats, output of the first run) of one (setup, step)."""
+        return self.run_interleaved([(setup, step)])[0]
+
+    def run_interleaved(self, runs):
+        """For each (setup, step) of `runs`: (stats, output of its first run), or the exception
+        its first runs raised. The first run (compilation, JIT, lazy initialization) is reported
+        apart and never counted; each gets as many timed runs as its time budget allows."""
+        results, live, counts = [None] * len(runs), [], []
+        for i, (setup, step) in enumerate(runs):
+            try:
+                first_s, out = self._once(setup, step)
+                est = min(self._once(setup, step)[0] for _ in range(2))
+            except Exception as e:  # a peer failing on a shape must not stop the others
+                results[i] = e
+                continue
+            results[i] = (first_s, out)
+            live.append(i)
+            counts.append(max(self.repeats, min(MAX_SAMPLES, int(self.budget_s / max(est, 1e-6)))))
+        samples = {i: [] for i in live}
+        for r in range(max(counts, default=0)):
+            for i, n in zip(live, counts):
+                if r < n and not isinstance(results[i], Exception):
+                    try:
+                        samples[i].append(self._sample(*runs[i]))
+                    except Exception as e:
+                        results[i] = e
         if self.cuda:
-            events = []
-            for _ in range(n):
-                setup()
-                self.flush_buf.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                events.append((start, end))
-            torch.cuda.synchronize()
-            samples = [s.elapsed_time(e) / 1e3 for s, e in events]
-        else:
-            for _ in range(n):
-                setup()
-                t0 = time.perf_counter()
-                step()
-                samples.append(time.perf_counter() - t0)
-        q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
-        stats = {"median_ms": statistics.median(samples) * 1e3, "q1_ms": q[0] * 1e3,
-                 "q3_ms": q[2] * 1e3, "min_ms": min(samples) * 1e3, "samples": len(samples),
-                 "first_call_s": first_s}
-        return stats, out
+            self.sync()
+        for i in live:
+            if isinstance(results[i], Exception):
+                continue
+            times = [s.elapsed_time(e) / 1e3 for s, e in samples[i]] if self.cuda else samples[i]
+            first_s, out = results[i]
+            q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+            results[i] = ({"median_ms": statistics.median(times) * 1e3, "q1_ms": q[0] * 1e3,
+                           "q3_ms": q[2] * 1e3, "min_ms": min(times) * 1e3, "samples": len(times),
+                           "first_call_s": first_s}, out)
+        return results
+
+    def _sample(self, setup, step):
+        setup()
+        if self.cuda:
+            self.flush_buf.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            return start, end
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
 
 
 def roofline(device, nbytes, timer):
@@ -360,23 +387,37 @@ def available(variants, device):
     return out
 
 
-def measure_cell(v, logits, target, pass_, timer, reference):
-    """One variant on one case: timing stats, GB/s and the loss check, or an error status."""
-    try:
-        data = logits.clone() if v.mutates_input else logits
-        stats, loss = timer.run(*make_step(v.make(), data, target, pass_, v.inplace))
-    except Exception as e:  # a peer failing on a shape must not stop the grid
-        log(f"error: {type(e).__name__}: {e}")
-        return {"status": f"error: {type(e).__name__}: {e}"[:200]}
-    first = stats["first_call_s"]
-    log(f"{stats['median_ms']:.3f} ms" + (f" (first call {first:.1f} s)" if first > 1 else ""))
-    return {**stats, "status": loss_check(loss, reference, logits.dtype)}
+def measure_case(variants, logits, target, pass_, timer, reference):
+    """The variants on one case, timed interleaved: per variant its timing stats and the loss
+    check, or an error status."""
+    runs, rows = [], []
+    for v in variants:
+        try:
+            data = logits.clone() if v.mutates_input else logits
+            runs.append(make_step(v.make(), data, target, pass_, v.inplace))
+        except Exception as e:
+            runs.append(_failing_step(e))
+    for v, result in zip(variants, timer.run_interleaved(runs)):
+        if isinstance(result, Exception):
+            log(f"{v.label}: error: {type(result).__name__}: {result}")
+            rows.append({"status": f"error: {type(result).__name__}: {result}"[:200]})
+            continue
+        stats, loss = result
+        first = stats["first_call_s"]
+        log(f"{v.label}: {stats['median_ms']:.3f} ms" + (f" (first call {first:.1f} s)" if first > 1 else ""))
+        rows.append({**stats, "status": loss_check(loss, reference, logits.dtype)})
+    return rows
+
+
+def _failing_step(error):
+    def fail():
+        raise error
+    return fail, fail
 
 
 def run_grid(args, variants, roof, timer):
     results = []
-    total = sum(len(v.passes()) for v, why in variants if why is None) \
-        * len(args.shape_list) * len(args.dtype_list)
+    total = len(args.shape_list) * len(args.dtype_list) * len(PASSES)
     done, t_start = 0, time.perf_counter()
     for rows, classes in args.shape_list:
         for dname in args.dtype_list:
@@ -389,19 +430,18 @@ def run_grid(args, variants, roof, timer):
                 traffic = nbytes if pass_ == "fwd" else 2 * nbytes
                 roof_gbps = roof["read_gbps"] if pass_ == "fwd" else roof["copy_gbps"]
                 floor_ms = traffic / roof_gbps * 1e-6
+                base = {"device": args.device, "rows": rows, "classes": classes, "dtype": dname,
+                        "pass": pass_, "logits_bytes": nbytes, "floor_ms": floor_ms}
+                timed = [v for v, why in variants if why is None and pass_ in v.passes()]
                 for v, why in variants:
-                    if pass_ not in v.passes():
-                        continue
-                    row = {"device": args.device, "rows": rows, "classes": classes, "dtype": dname,
-                           "pass": pass_, "variant": v.name, "logits_bytes": nbytes,
-                           "floor_ms": floor_ms}
-                    if why is not None:
-                        results.append({**row, "status": "n/a: " + why})
-                        continue
-                    done += 1
-                    print(f"[{done}/{total} {time.perf_counter() - t_start:.0f}s] {rows}x{classes} "
-                          f"{dname} {pass_} {v.label}: ", end="", file=sys.stderr, flush=True)
-                    row.update(measure_cell(v, logits, target, pass_, timer, reference))
+                    if why is not None and pass_ in v.passes():
+                        results.append({**base, "variant": v.name, "status": "n/a: " + why})
+                done += 1
+                log(f"[{done}/{total} {time.perf_counter() - t_start:.0f}s] {rows}x{classes} {dname} "
+                    f"{pass_}: {', '.join(v.label for v in timed)}")
+                for v, measured in zip(timed, measure_case(timed, logits, target, pass_, timer,
+                                                           reference)):
+                    row = {**base, "variant": v.name, **measured}
                     if "median_ms" in row:
                         row["gbps"] = traffic / row["median_ms"] * 1e-6
                         row["pct_of_roof"] = 100 * floor_ms / row["median_ms"]
