@@ -176,3 +176,24 @@ def test_not_used_where_it_cannot_help(monkeypatch, case):
     reference_cross_entropy(ref, target.detach() if target.is_floating_point() else target,
                             reduction=kwargs.get("reduction", "mean")).sum().backward()
     torch.testing.assert_close(h.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_same_bits_for_every_thread_count(dtype):
+    # 6 rows of 3 pieces: one thread takes a task per row (gradient in the same pass), two
+    # threads split the pieces (gradient after the merge). The bits must not change.
+    x = (torch.randn(6, 70000) * 3).to(dtype)
+    t = torch.randint(0, 70000, (6,))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            h = x.clone().requires_grad_()
+            loss = fastce.cross_entropy(h, t, label_smoothing=0.1, lse_square_scale=1e-3)
+            loss.backward()
+            results.append((loss.detach(), h.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
