@@ -73,3 +73,10 @@ def test_variants_of_a_case_are_timed_interleaved():
     assert a[1] == "a" and c[1] == "b" and a[0]["samples"] == c[0]["samples"] == 5
     timed = calls[6:]  # after each one's first run and two estimates
     assert calls[:6] == ["a"] * 3 + ["b"] * 3 and timed == ["a", "b"] * 5
+
+
+def test_a_single_timed_run_raises_its_error():
+    def broken():
+        raise MemoryError("out of memory")
+    with pytest.raises(MemoryError, match="out of memory"):
+        bench.Timer("cpu", repeats=2, budget_s=0.0).run(lambda: None, broken)

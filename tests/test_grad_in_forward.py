@@ -10,6 +10,15 @@ from reference import reference_cross_entropy
 
 ops = torch.ops.fastce
 
+
+@pytest.fixture(autouse=True)
+def _fresh_unit_gradient_state():
+    # The eager path remembers whether the last backward got a unit gradient: start each
+    # test from the initial state.
+    _ops._UnitGradient.expected = True
+    yield
+    _ops._UnitGradient.expected = True
+
 OPTIONS = [
     dict(),
     dict(label_smoothing=0.1, weight=True, ignore=2),
@@ -197,3 +206,50 @@ def test_same_bits_for_every_thread_count(dtype):
         torch.set_num_threads(threads)
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def _holds_gradient(loss):
+    return loss.grad_fn.grad_input is not None
+
+
+def test_a_scaled_loop_stops_computing_it_and_a_plain_one_resumes():
+    x = torch.randn(16, 300, requires_grad=True)
+    t = torch.randint(0, 300, (16,))
+    loss = fastce.cross_entropy(x, t)
+    assert _holds_gradient(loss)
+    (loss / 4).backward()  # gradient accumulation: this step recomputes ...
+    loss = fastce.cross_entropy(x, t)
+    assert not _holds_gradient(loss)  # ... and the next one does not pay for it
+    loss.backward()
+    loss = fastce.cross_entropy(x, t)
+    assert _holds_gradient(loss)
+    x.grad = None
+    loss.backward()
+    ref = x.detach().double().requires_grad_()
+    reference_cross_entropy(ref, t).backward()
+    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_not_held_under_checkpointing_or_saved_tensor_hooks():
+    # A gradient held from the forward pass would escape what checkpointing and offloading
+    # do through saved-tensor hooks.
+    from torch.utils.checkpoint import checkpoint
+    h = torch.randn(32, 16, requires_grad=True)
+    w = torch.randn(16, 200, requires_grad=True)
+    t = torch.randint(0, 200, (32,))
+    held = []
+
+    def step(h):
+        loss = fastce.cross_entropy(h @ w, t)
+        held.append(_holds_gradient(loss))
+        return loss
+    checkpoint(step, h, use_reentrant=False).backward()
+    with torch.autograd.graph.save_on_cpu():
+        step(h)
+    # the checkpointed forward and the one under save_on_cpu (the checkpoint's recomputation
+    # may stop before the loss once it has what backward needs)
+    assert len(held) >= 2 and not any(held)
+    ref_h, ref_w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    reference_cross_entropy(ref_h @ ref_w, t).backward()
+    torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-7)

@@ -133,16 +133,36 @@ def _call_below_autograd(op, *args):
         return op(*args)
 
 
-def _gradient_in_forward(input, target, options):
-    # On the CPU, a reduced loss whose logits need a gradient gets it in the forward pass:
+def _saved_tensor_hooks_active():
+    # Checkpointing (non-reentrant) and offloading act through saved-tensor hooks; a gradient
+    # held from the forward pass would escape them, so none is computed under them.
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    try:
+        return top(False) is not None
+    except TypeError:  # a torch whose function takes no argument
+        return top() is not None
+
+
+class _UnitGradient:
+    # Whether the last eager backward that could have used a forward-pass gradient got an
+    # incoming gradient of exactly 1. A loop that scales its loss (loss / k, a loss weight,
+    # GradScaler) or uses the z-loss output pays for one gradient it must recompute, then
+    # stops asking for it; a loop of plain loss.backward() keeps it. Results are the same
+    # bits either way, so this only moves time.
+    expected = True
+
+
+def _can_use_gradient_in_forward(input, target, options):
+    # On the CPU, a reduced loss whose logits need a gradient can get it in the forward pass:
     # each row is read from memory once instead of twice, and a step is one op call, not
-    # two. It is used when the backward's grad_loss is exactly 1 (loss.backward()); any
-    # other incoming gradient recomputes it. Not for probability targets that need a
-    # gradient themselves, and not with inplace_backward (the logits must stay intact until
-    # the backward pass).
+    # two. Not for probability targets that need a gradient themselves, not with
+    # inplace_backward (the logits must stay intact until the backward pass), not under
+    # saved-tensor hooks.
     reduction, inplace_backward = options[0], options[_BACKWARD_OPTIONS]
     return (input.is_cpu and input.requires_grad and reduction != 0 and not inplace_backward
-            and not target.requires_grad)
+            and not target.requires_grad and not _saved_tensor_hooks_active())
 
 
 class _EagerCrossEntropy(torch.autograd.Function):
@@ -150,7 +170,8 @@ class _EagerCrossEntropy(torch.autograd.Function):
     # per-argument bookkeeping is a good part of the cost on small batches.
     @staticmethod
     def forward(ctx, input, target, weight, options):
-        compute_grad = _gradient_in_forward(input, target, options)
+        ctx.could_use_grad = _can_use_gradient_in_forward(input, target, options)
+        compute_grad = ctx.could_use_grad and _UnitGradient.expected
         loss, z_loss, lse, total_weight, grad_input = _call_below_autograd(
             ops.cross_entropy_forward.default, input, target, weight, *options, compute_grad)
         _save_for_backward(ctx, input, target, weight, options, lse, total_weight)
@@ -161,15 +182,17 @@ class _EagerCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_z_loss):
         grad_input, ctx.grad_input = ctx.grad_input, None  # once: a second backward recomputes
-        if grad_input is not None:
-            # It is the gradient of the loss as computed, even if the logits were modified in
-            # place since (torch's own gradient does not read them either). Recomputing reads
-            # them: then autograd's version check raises.
+        if ctx.could_use_grad:
             # (create_graph=True needs a gradient that autograd can differentiate: _backward)
-            if (grad_z_loss is None and grad_loss is not None and not torch.is_grad_enabled()
-                    and grad_loss.item() == 1.0):
+            unit = (grad_z_loss is None and grad_loss is not None and not torch.is_grad_enabled()
+                    and grad_loss.item() == 1.0)
+            _UnitGradient.expected = unit
+            if unit and grad_input is not None:
+                # The gradient of the loss as computed, even if the logits were modified in
+                # place since (torch's own gradient does not read them either). Recomputing
+                # reads them: then autograd's version check raises.
                 return grad_input, None, None, None
-            del grad_input  # free it before the backward op allocates the recomputed one
+        del grad_input  # free it before the backward op allocates the recomputed one
         grads = _backward(ctx, grad_loss, grad_z_loss)
         return grads[0], grads[1], None, None
 

@@ -200,8 +200,11 @@ class Timer:
             torch.cuda.synchronize()
 
     def run(self, setup, step):
-        """(stats, output of the first run) of one (setup, step)."""
-        return self.run_interleaved([(setup, step)])[0]
+        """(stats, output of the first run) of one (setup, step); raises what it raised."""
+        result = self.run_interleaved([(setup, step)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def run_interleaved(self, runs):
         """For each (setup, step) of `runs`: (stats, output of its first run), or the exception
@@ -227,7 +230,11 @@ class Timer:
                     except Exception as e:
                         results[i] = e
         if self.cuda:
-            self.sync()
+            try:
+                self.sync()
+            except Exception as e:  # an asynchronous error: it cannot be told whose
+                for i in live:
+                    results[i] = e
         for i in live:
             if isinstance(results[i], Exception):
                 continue
