@@ -154,12 +154,11 @@ double row_lse(const cpu::PieceStats& st) {
   return (st.has_nan || st.max == -INFINITY) ? NAN : st.max + std::log(st.sumexp);
 }
 
-// The mean's divisor as the backward reads it back from the op's total_weight output
-// (rounded to the accumulation type), so that a gradient computed in the forward pass
-// is bitwise the one the backward op computes.
-double mean_divisor(const Rows& rows, int64_t reduction) {
-  if (reduction != kMean) return 1.0;
-  return rows.p.acc_type == at::kDouble ? rows.total_weight : double(float(rows.total_weight));
+// What the incoming gradients are divided by: the mean's divisor as the op's total_weight
+// output holds it (rounded to the accumulation type). Read from that tensor by the backward
+// op and by the forward pass's gradient alike, so that both give the same bits.
+double grad_divisor(int64_t reduction, const at::Tensor& total_weight) {
+  return reduction == kMean ? read_doubles(total_weight, 1, "total_weight")[0] : 1.0;
 }
 
 // Coefficients of the gradient of row r (not ignored) for the incoming gradients g of its
@@ -260,13 +259,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   // balance the threads, a task is a whole row: its statistics, loss, then gradient while
   // the row is still in cache. Few long rows are split into pieces (for_each_piece), and get
   // their gradient after the pieces' statistics are merged.
+  const at::Tensor total_weight_out = rows_tensor({rows.total_weight}, {}, p.acc_type);
   at::Tensor gx2d;
   if (compute_grad) gx2d = new_grad_buffer(p.rows, p.classes, input.options());
   const bool grad_in_pass =
       compute_grad && p.classes > 0 && (np == 1 || p.rows >= 4 * at::get_num_threads());
   if (grad_in_pass) {
     const GradOut out(&gx2d, nullptr);
-    const double div = mean_divisor(rows, reduction);
+    const double div = grad_divisor(reduction, total_weight_out);
     const double g = 1.0 / div, g_z = 0.0 / div;  // as the backward op computes them
     const int64_t grain = std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, p.classes));
     at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) {
@@ -305,18 +305,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     loss_out = rows_tensor({ordered_sum(loss) / div + nan_if_empty}, {}, dtype);
     zloss_out = rows_tensor({ordered_sum(zloss) / div + nan_if_empty}, {}, dtype);
   }
-  at::Tensor lse_out = rows_tensor(lse, p.row_shape, at::kDouble);
-  at::Tensor total_weight_out = rows_tensor({rows.total_weight}, {}, p.acc_type);
-  at::Tensor grad_out = at::empty({0}, input.options());
-  if (compute_grad) {
-    if (!grad_in_pass) {  // few rows of several pieces: their lse is known only now
-      const int64_t n_grad = reduction == kNone ? p.rows : 1;
-      backward_into(at::ones({n_grad}, at::kDouble), at::zeros({n_grad}, at::kDouble), p, opt, lse_out,
-                    total_weight_out, gx2d, nullptr);
-    }
-    grad_out = grad_to_input_layout(gx2d, input);
+  const at::Tensor lse_out = rows_tensor(lse, p.row_shape, at::kDouble);
+  if (!compute_grad) return {loss_out, zloss_out, lse_out, total_weight_out, at::empty({0}, input.options())};
+  if (!grad_in_pass) {  // few rows of several pieces: their lse is known only now
+    const int64_t n_grad = reduction == kNone ? p.rows : 1;
+    backward_into(at::ones({n_grad}, at::kDouble), at::zeros({n_grad}, at::kDouble), p, opt, lse_out,
+                  total_weight_out, gx2d, nullptr);
   }
-  return {loss_out, zloss_out, lse_out, total_weight_out, grad_out};
+  return {loss_out, zloss_out, lse_out, total_weight_out, grad_to_input_layout(gx2d, input)};
 }
 
 // Writes the gradient of the logits (and of probability targets) into gx2d / gy2d.
@@ -325,7 +321,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
                    at::Tensor& gx2d, at::Tensor* gy2d) {
   const Rows rows(p, opt);
   const bool per_row = opt.reduction == kNone;
-  const double div = opt.reduction == kMean ? read_doubles(total_weight, 1, "total_weight")[0] : 1.0;
+  const double div = grad_divisor(opt.reduction, total_weight);
   const int64_t n_grad = per_row ? p.rows : 1;
   const std::vector<double> gl = read_doubles(grad_loss, n_grad, "grad_loss");
   const std::vector<double> gz = read_doubles(grad_zloss, n_grad, "grad_z_loss");
