@@ -111,3 +111,30 @@ def test_compile_inplace_backward_falls_back(device):
     torch.testing.assert_close(loss, loss2)
     torch.testing.assert_close(zl, zl2)
     torch.testing.assert_close(gW, gW2)
+
+
+def test_compile_forward_op_with_compute_grad(device):
+    # The op's gradient output traces (fake kernel, dynamic shapes) and equals the backward op's.
+    torch._dynamo.reset()
+
+    def fwd(x, t):
+        loss, _, lse, tw, grad = ops.cross_entropy_forward(x, t, None, 1, -100, 0.1, 1.0, None, 0.0, False, True)
+        return loss, lse, tw, grad
+
+    compiled = torch.compile(fwd, fullgraph=True, dynamic=True)
+    for n in [5, 9]:
+        x = torch.randn(n, 30, device=device)
+        t = torch.randint(0, 30, (n,), device=device)
+        loss, lse, tw, grad = compiled(x, t)
+        one = torch.ones((), device=device)
+        expected = ops.cross_entropy_backward(one, torch.zeros_like(one), x, t, None, lse, tw, 1, -100, 0.1,
+                                              1.0, None, 0.0, False)[0]
+        assert grad.shape == x.shape
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+        torch.testing.assert_close(loss, F.cross_entropy(x, t, label_smoothing=0.1))
+
+
+def test_compute_grad_must_be_a_bool():
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises((TypeError, RuntimeError)):
+        ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False, "yes")
