@@ -9,10 +9,14 @@
 
 #include "cpu/row_kernels.h"
 
+namespace fastce {
+extern PyMethodDef eager_methods[];  // eager.cpp
+}
+
 extern "C" {
 // `import fastce._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastce::eager_methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -236,8 +236,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   std::vector<cpu::PieceStats> stats(p.rows * np);
   std::vector<double> loss(p.rows, 0.0), zloss(p.rows, 0.0), lse(p.rows, 0.0);  // 0: ignored rows
   auto finish_row = [&](int64_t r) {
-    cpu::PieceStats st = stats[r * np];
-    for (int64_t j = 1; j < np; ++j) cpu::merge_stats(st, stats[r * np + j]);
+    cpu::PieceStats merged;
+    if (np > 1) {
+      merged = stats[r * np];
+      for (int64_t j = 1; j < np; ++j) cpu::merge_stats(merged, stats[r * np + j]);
+    }
+    const cpu::PieceStats& st = np > 1 ? merged : stats[r * np];  // no copy: see piece_stats_t
     const double l = row_lse(st);
     double ce;
     if (p.prob) {

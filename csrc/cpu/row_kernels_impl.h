@@ -150,6 +150,17 @@ FASTCE_INLINE void storev(f16* p, vf v) {
 #endif
 }
 
+#if FASTCE_VW == 16
+// Stores the first n (< 16) lanes of v at p; nothing past p + n is written.
+FASTCE_INLINE void store_first(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, first_lanes(n), (__m512)v); }
+template <class T16>
+FASTCE_INLINE void store_first(T16* p, vf v, int n) {
+  alignas(32) T16 h[16];
+  storev(h, v);
+  _mm256_mask_storeu_epi16(p, first_lanes(n), _mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
+}
+#endif
+
 // ---- math -----------------------------------------------------------------------
 FASTCE_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 FASTCE_INLINE double vmax(double a, double b) { return a > b ? a : b; }
@@ -398,10 +409,14 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
     block.sumexp = s;
     merge_stats(st, block);
   }
-  st.sum_wz = double(hsum(acc_wz)) + double(tail_wz);
-  st.sum_wyz = double(hsum(acc_wyz)) + double(tail_wyz);
-  st.sum_wy = double(hsum(acc_wy)) + double(tail_wy);
-  *out = st;
+  // Field by field: a struct copy would read st back with wide loads across the narrow
+  // stores just made (a store-forwarding stall that cost a third of a 10-class row).
+  out->max = st.max;
+  out->sumexp = st.sumexp;
+  out->sum_wz = double(hsum(acc_wz)) + double(tail_wz);
+  out->sum_wyz = double(hsum(acc_wyz)) + double(tail_wyz);
+  out->sum_wy = double(hsum(acc_wy)) + double(tail_wy);
+  out->has_nan = st.has_nan;
 }
 
 // ---- gradient of a piece of a row ----------------------------------------------
@@ -421,31 +436,48 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   const bool has_target = k.target >= begin && k.target < end;
   const S x_target = has_target ? S(load1(x + k.target)) : S(0);
 
-  // One vector of W classes starting at class c; the tail goes through padded copies.
-  auto step = [&](const T* xp, const T* yp, const S* wp, T* gxp, T* gyp) {
+  // The gradient of one vector of W classes from their x (and y, w); gy_out: y's gradient.
+  auto grad_of = [&](R xv, R yv, R wv, R& gy_out) {
     R slope = splat(S(1));
-    const R z = tf.template z_and_slope<M>(loadv(xp), slope);
+    const R z = tf.template z_and_slope<M>(xv, slope);
     // 16-bit rows: lse_lo (below lse's float rounding) is beyond their precision.
     const R p = kPreciseExp<T> ? vexp<true>((z - lse_hi) - lse_lo) : vexp<false>(z - lse_hi);
-    const R sub = HasY ? cw + cwy * loadv(yp) : splat(cw);
-    const R g = p * cp - (HasW ? loadw(wp) * sub : sub);
-    storev(gxp, M == ZMap::Identity ? g : g * slope);
-    if constexpr (GradY) storev(gyp, cgy * (HasW ? loadw(wp) : splat(S(1))) * ((lse_hi - z) + lse_lo));
+    const R sub = HasY ? cw + cwy * yv : splat(cw);
+    const R g = p * cp - (HasW ? wv * sub : sub);
+    if constexpr (GradY) gy_out = cgy * (HasW ? wv : splat(S(1))) * ((lse_hi - z) + lse_lo);
+    return M == ZMap::Identity ? g : g * slope;
   };
+  const R zero = splat(S(0));
+  R gyv = zero;
   const int64_t n = end - begin;
   const int64_t nv = n - n % W;
-  for (int64_t c = begin; c < begin + nv; c += W)
-    step(x + c, HasY ? y + c : nullptr, HasW ? w + c : nullptr, gx + c, GradY ? gy + c : nullptr);
+  for (int64_t c = begin; c < begin + nv; c += W) {
+    storev(gx + c, grad_of(loadv(x + c), HasY ? loadv(y + c) : zero, HasW ? loadw(w + c) : zero, gyv));
+    if constexpr (GradY) storev(gy + c, gyv);
+  }
   if (const int64_t tail = n - nv; tail > 0) {
     const int64_t c = begin + nv;
-    T xt[W] = {}, yt[W] = {}, gxt[W], gyt[W];
-    S wt[W] = {};
-    std::memcpy(xt, x + c, tail * sizeof(T));
-    if (HasY) std::memcpy(yt, y + c, tail * sizeof(T));
-    if (HasW) std::memcpy(wt, w + c, tail * sizeof(S));
-    step(xt, yt, wt, gxt, gyt);
-    std::memcpy(gx + c, gxt, tail * sizeof(T));
-    if (GradY) std::memcpy(gy + c, gyt, tail * sizeof(T));
+#if FASTCE_VW == 16
+    if constexpr (W == 16) {  // masked loads and stores: short rows (C = 10) are all tail
+      const int t = int(tail);
+      store_first(gx + c, grad_of(load_first(x + c, t), HasY ? load_first(y + c, t) : zero,
+                                  HasW ? load_first(w + c, t) : zero, gyv), t);
+      if constexpr (GradY) store_first(gy + c, gyv, t);
+    } else
+#endif
+    {
+      T xt[W] = {}, yt[W] = {}, gxt[W], gyt[W];
+      S wt[W] = {};
+      std::memcpy(xt, x + c, tail * sizeof(T));
+      if (HasY) std::memcpy(yt, y + c, tail * sizeof(T));
+      if (HasW) std::memcpy(wt, w + c, tail * sizeof(S));
+      storev(gxt, grad_of(loadv(xt), HasY ? loadv(yt) : zero, HasW ? loadw(wt) : zero, gyv));
+      std::memcpy(gx + c, gxt, tail * sizeof(T));
+      if constexpr (GradY) {
+        storev(gyt, gyv);
+        std::memcpy(gy + c, gyt, tail * sizeof(T));
+      }
+    }
   }
   if (has_target) {  // the target class also loses coef_target (before the slope)
     S slope;

@@ -11,7 +11,7 @@ except ImportError:  # a torch without it: always take the registered autograd p
     def is_in_torch_dispatch_mode():
         return True
 
-from . import _C  # noqa: F401  (registers torch.ops.fastce.*)
+from . import _C  # registers torch.ops.fastce.*
 
 ops = torch.ops.fastce
 
@@ -133,16 +133,20 @@ def _call_below_autograd(op, *args):
         return op(*args)
 
 
-def _saved_tensor_hooks_active():
+def _saved_tensor_hooks_probe():
     # Checkpointing (non-reentrant) and offloading act through saved-tensor hooks; a gradient
     # held from the forward pass would escape them, so none is computed under them.
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:
-        return True
+        return lambda: True
     try:
-        return top(False) is not None
+        top(False)
+        return lambda: top(False) is not None
     except TypeError:  # a torch whose function takes no argument
-        return top() is not None
+        return lambda: top() is not None
+
+
+_saved_tensor_hooks_active = _saved_tensor_hooks_probe()
 
 
 class _UnitGradient:
@@ -172,8 +176,8 @@ class _EagerCrossEntropy(torch.autograd.Function):
     def forward(ctx, input, target, weight, options):
         ctx.could_use_grad = _can_use_gradient_in_forward(input, target, options)
         compute_grad = ctx.could_use_grad and _UnitGradient.expected
-        loss, z_loss, lse, total_weight, grad_input = _call_below_autograd(
-            ops.cross_entropy_forward.default, input, target, weight, *options, compute_grad)
+        loss, z_loss, lse, total_weight, grad_input = _C.forward_below_autograd(
+            input, target, weight, *options, compute_grad)
         _save_for_backward(ctx, input, target, weight, options, lse, total_weight)
         ctx.grad_input = grad_input if compute_grad else None
         ctx.eager = True  # known untraced: _backward skips that test
@@ -201,7 +205,22 @@ def _plain_eager(input, target):
     return (type(input) is torch.Tensor and type(target) is torch.Tensor
             and not torch.compiler.is_compiling()
             and not is_in_torch_dispatch_mode()
-            and not torch._C._is_torch_function_mode_enabled())
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _bind_function_apply(function):
+    # autograd.Function.apply without its Python wrapper, which binds default arguments,
+    # routes functorch transforms (excluded by _plain_eager) and unwraps tensors that
+    # escaped one (_plain_eager's callers pass plain tensors): ~2 us of a 64x10 step.
+    base_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+    try:
+        return base_apply.__get__(None, function)
+    except AttributeError:  # a torch without it: the documented path
+        return function.apply
+
+
+_apply_eager = _bind_function_apply(_EagerCrossEntropy)
 
 
 def cross_entropy_loss(input, target, weight, *options):
@@ -210,9 +229,8 @@ def cross_entropy_loss(input, target, weight, *options):
     if not _plain_eager(input, target):
         return ops.cross_entropy_forward(input, target, weight, *options)[:2]
     if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
-        return _EagerCrossEntropy.apply(input, target, weight, options)
-    return _call_below_autograd(ops.cross_entropy_forward.default, input, target, weight,
-                                *options)[:2]
+        return _apply_eager(input, target, weight, options)
+    return _C.forward_below_autograd(input, target, weight, *options, False)[:2]
 
 
 def _no_double_backward(ctx, *grads):

@@ -24,11 +24,14 @@ def _reduction_enum(reduction):
     return _REDUCTIONS[reduction]
 
 
+def _bad_argument_type(name, position, expected, value):
+    raise TypeError(f"cross_entropy_loss(): argument '{name}' (position {position}) must be "
+                    f"{expected}, not {type(value).__name__}")
+
+
 def _check_argument_types(input, target, weight, ignore_index, label_smoothing):
     # What torch's argument parser rejects, with its TypeError.
-    def bad(name, position, expected, value):
-        raise TypeError(f"cross_entropy_loss(): argument '{name}' (position {position}) must be "
-                        f"{expected}, not {type(value).__name__}")
+    bad = _bad_argument_type
     if not isinstance(input, Tensor):
         bad("input", 1, "Tensor", input)
     if not isinstance(target, Tensor):
@@ -74,7 +77,7 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     reduction_enum = _reduction_enum(reduction)
-    if target.shape == input.shape and target.is_floating_point() and target.dtype != input.dtype:
+    if target.is_floating_point() and target.dtype != input.dtype and target.shape == input.shape:
         target = target.to(input.dtype)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
