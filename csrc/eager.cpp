@@ -1,8 +1,9 @@
-// The eager fast path's door into the ops: fastce._C.forward_below_autograd calls
-// fastce::cross_entropy_forward through the dispatcher (so the CPU or CUDA kernel runs, as
-// with torch.ops), below the Autograd key, without torch.ops's generic boxing. On a 64x10
-// batch that boxing (11 arguments and 5 results through IValues) costs more than the
-// kernel; here the arguments go straight to the typed call.
+// The eager fast path's doors into the ops: fastce._C.forward_below_autograd and
+// backward_below_autograd call fastce::cross_entropy_forward / _backward through the
+// dispatcher (so the CPU or CUDA kernel runs, as with torch.ops), below the Autograd key,
+// without torch.ops's generic boxing. On a 64x10 batch that boxing (11 or 14 arguments and
+// the results through IValues) costs more than the kernel; here the arguments go straight
+// to the typed call.
 //
 // The Python caller (_ops.cross_entropy_loss) has already normalized the argument types;
 // the op itself validates the values, and its errors reach Python as the same exceptions
@@ -11,6 +12,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -20,78 +22,134 @@ namespace {
 using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, double,
     double, std::optional<double>, double, bool, bool);
+using BackwardSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+    double, std::optional<double>, double, bool);
 
-const at::Tensor& tensor_arg(PyObject* obj, const char* name) {
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), "forward_below_autograd: ", name, " must be a Tensor");
-  return THPVariable_Unpack(obj);
+// Reads a call's positional arguments in order, as the op's schema types.
+class Args {
+ public:
+  Args(const char* fn, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t expected) : fn_(fn), args_(args) {
+    TORCH_CHECK_TYPE(nargs == expected, fn, " takes ", expected, " arguments, got ", nargs);
+  }
+  const at::Tensor& tensor() {
+    PyObject* obj = next();
+    TORCH_CHECK_TYPE(THPVariable_Check(obj), fn_, ": argument ", i_ - 1, " must be a Tensor");
+    return THPVariable_Unpack(obj);
+  }
+  std::optional<at::Tensor> optional_tensor() {
+    if (args_[i_] == Py_None) return (++i_, std::nullopt);
+    return tensor();
+  }
+  int64_t integer() { return checked(PyLong_AsLongLong(next())); }
+  double real() { return checked(PyFloat_AsDouble(next())); }
+  std::optional<double> optional_real() {
+    if (args_[i_] == Py_None) return (++i_, std::nullopt);
+    return real();
+  }
+  bool flag() { return checked(PyObject_IsTrue(next())) != 0; }
+
+ private:
+  PyObject* next() { return args_[i_++]; }
+  template <class V>
+  static V checked(V v) {  // -1 is how the C API reports an error
+    if (v == V(-1) && PyErr_Occurred()) throw python_error();
+    return v;
+  }
+  const char* fn_;
+  PyObject* const* args_;
+  int i_ = 0;
+};
+
+// The op's results as a Python tuple of tensors.
+template <class... T>
+PyObject* wrap_all(std::tuple<T...> results) {
+  std::array<at::Tensor, sizeof...(T)> tensors =
+      std::apply([](auto&... t) { return std::array<at::Tensor, sizeof...(T)>{std::move(t)...}; }, results);
+  PyObject* tuple = PyTuple_New(tensors.size());
+  if (!tuple) throw python_error();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    PyObject* item = THPVariable_Wrap(std::move(tensors[i]));
+    if (!item) {
+      Py_DECREF(tuple);  // frees the items set so far
+      throw python_error();
+    }
+    PyTuple_SET_ITEM(tuple, i, item);  // steals the reference
+  }
+  return tuple;
 }
 
-int64_t int_arg(PyObject* obj) {
-  const long long v = PyLong_AsLongLong(obj);
-  if (v == -1 && PyErr_Occurred()) throw python_error();
-  return v;
-}
-
-double float_arg(PyObject* obj) {
-  const double v = PyFloat_AsDouble(obj);
-  if (v == -1.0 && PyErr_Occurred()) throw python_error();
-  return v;
-}
-
-bool bool_arg(PyObject* obj) {
-  const int v = PyObject_IsTrue(obj);
-  if (v < 0) throw python_error();
-  return v != 0;
+// Runs the op below the Autograd key, without the GIL (as torch.ops does).
+template <class Op, class... A>
+auto call_below_autograd(const Op& op, const A&... args) {
+  pybind11::gil_scoped_release no_gil;
+  at::AutoDispatchBelowAutograd below_autograd;
+  return op.call(args...);
 }
 
 // forward_below_autograd(input, target, weight, reduction, ignore_index, label_smoothing,
 //                        logit_scale, softcap, lse_square_scale, inplace_backward, compute_grad)
-// -> (loss, z_loss, lse, total_weight, grad_input): the op's arguments and results.
+// -> (loss, z_loss, lse, total_weight, grad_input): cross_entropy_forward's arguments and results.
 PyObject* forward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 11, "forward_below_autograd takes 11 arguments, got ", nargs);
-  const at::Tensor& input = tensor_arg(args[0], "input");
-  const at::Tensor& target = tensor_arg(args[1], "target");
-  std::optional<at::Tensor> weight;
-  if (args[2] != Py_None) weight = tensor_arg(args[2], "weight");
-  const int64_t reduction = int_arg(args[3]), ignore_index = int_arg(args[4]);
-  const double label_smoothing = float_arg(args[5]), logit_scale = float_arg(args[6]);
-  std::optional<double> softcap;
-  if (args[7] != Py_None) softcap = float_arg(args[7]);
-  const double lse_square_scale = float_arg(args[8]);
-  const bool inplace_backward = bool_arg(args[9]), compute_grad = bool_arg(args[10]);
-
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastce::cross_entropy_forward", "")
                              .typed<ForwardSignature>();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowAutograd below_autograd;
-    out = op.call(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap,
-                  lse_square_scale, inplace_backward, compute_grad);
-  }
-  PyObject* result = PyTuple_New(5);
-  if (!result) throw python_error();
-  auto wrap = [&](int i, at::Tensor& t) {
-    PyObject* item = THPVariable_Wrap(std::move(t));
-    if (!item) {
-      Py_DECREF(result);
-      throw python_error();
-    }
-    PyTuple_SET_ITEM(result, i, item);  // steals the reference
-  };
-  auto& [loss, z_loss, lse, total_weight, grad_input] = out;
-  wrap(0, loss), wrap(1, z_loss), wrap(2, lse), wrap(3, total_weight), wrap(4, grad_input);
-  return result;
+  Args a("forward_below_autograd", args, nargs, 11);
+  const at::Tensor& input = a.tensor();
+  const at::Tensor& target = a.tensor();
+  const std::optional<at::Tensor> weight = a.optional_tensor();
+  const int64_t reduction = a.integer(), ignore_index = a.integer();
+  const double label_smoothing = a.real(), logit_scale = a.real();
+  const std::optional<double> softcap = a.optional_real();
+  const double lse_square_scale = a.real();
+  const bool inplace_backward = a.flag(), compute_grad = a.flag();
+  return wrap_all(call_below_autograd(op, input, target, weight, reduction, ignore_index, label_smoothing,
+                                      logit_scale, softcap, lse_square_scale, inplace_backward,
+                                      compute_grad));
   END_HANDLE_TH_ERRORS
+}
+
+// backward_below_autograd(grad_loss, grad_z_loss, input, target, weight, lse, total_weight,
+//                         reduction, ignore_index, label_smoothing, logit_scale, softcap,
+//                         lse_square_scale, compute_grad_target)
+// -> (grad_input, grad_target): cross_entropy_backward's arguments and results.
+PyObject* backward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastce::cross_entropy_backward", "")
+                             .typed<BackwardSignature>();
+  Args a("backward_below_autograd", args, nargs, 14);
+  const at::Tensor& grad_loss = a.tensor();
+  const at::Tensor& grad_z_loss = a.tensor();
+  const at::Tensor& input = a.tensor();
+  const at::Tensor& target = a.tensor();
+  const std::optional<at::Tensor> weight = a.optional_tensor();
+  const at::Tensor& lse = a.tensor();
+  const at::Tensor& total_weight = a.tensor();
+  const int64_t reduction = a.integer(), ignore_index = a.integer();
+  const double label_smoothing = a.real(), logit_scale = a.real();
+  const std::optional<double> softcap = a.optional_real();
+  const double lse_square_scale = a.real();
+  const bool compute_grad_target = a.flag();
+  return wrap_all(call_below_autograd(op, grad_loss, grad_z_loss, input, target, weight, lse, total_weight,
+                                      reduction, ignore_index, label_smoothing, logit_scale, softcap,
+                                      lse_square_scale, compute_grad_target));
+  END_HANDLE_TH_ERRORS
+}
+
+PyCFunction fastcall(PyObject* (*f)(PyObject*, PyObject* const*, Py_ssize_t)) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
 }
 
 }  // namespace
 
 PyMethodDef eager_methods[] = {
-    {"forward_below_autograd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward_below_autograd)),
-     METH_FASTCALL, "cross_entropy_forward below the Autograd key, without torch.ops's boxing"},
+    {"forward_below_autograd", fastcall(forward_below_autograd), METH_FASTCALL,
+     "cross_entropy_forward below the Autograd key, without torch.ops's boxing"},
+    {"backward_below_autograd", fastcall(backward_below_autograd), METH_FASTCALL,
+     "cross_entropy_backward below the Autograd key, without torch.ops's boxing"},
     {nullptr, nullptr, 0, nullptr},
 };
 

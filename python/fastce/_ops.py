@@ -110,8 +110,7 @@ def _backward(ctx, grad_loss, grad_z_loss, *_grads_of_non_differentiable_outputs
         backward_op = ops.cross_entropy_backward.default
         args = (grad_loss, grad_z_loss, input, target, weight, lse, total_weight, *ctx.options,
                 want_target_grad)
-        grad_input, grad_target = (_call_below_autograd(backward_op, *args) if plain
-                                   else backward_op(*args))
+        grad_input, grad_target = _C.backward_below_autograd(*args) if plain else backward_op(*args)
         if not want_target_grad:
             grad_target = None
     return (grad_input if ctx.needs_input_grad[0] else None, grad_target) + (None,) * 9
