@@ -1,25 +1,12 @@
-// The op schemas of the fastce library (one definition for every backend), and the
-// Python module entry point that loads them. Kernels: cpu/, cuda/. Autograd and
-// fake (meta) kernels: python/fastce/_ops.py.
-#include <Python.h>
+// The op schemas of the fastce library (one definition for every backend). Kernels: cpu/,
+// cuda/. Autograd and fake (meta) kernels: python/fastce/_ops.py. The fastce._C module
+// whose import loads them: python_module.cpp.
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
 
 #include "cpu/row_kernels.h"
-
-namespace fastce {
-extern PyMethodDef eager_methods[];  // eager.cpp
-}
-
-extern "C" {
-// `import fastce._C` loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastce::eager_methods};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace fastce {
 

@@ -10,13 +10,10 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../backward_ops.h"
 #include "../cross_entropy.h"
 #include "driver.h"
+#include "grad_buffer.h"
 
 namespace fastce {
 namespace {
@@ -104,21 +101,6 @@ struct Rows {
   template <class F>
   void for_each_piece(F&& f) const { cpu::for_each_piece(p.rows, p.classes, f); }
 };
-
-// A fresh N x C gradient costs more in page faults than in arithmetic (4 KiB pages:
-// ~10x the time of writing already-mapped memory). Asking for transparent huge pages
-// before the first touch cuts the faults 512-fold.
-at::Tensor new_grad_buffer(int64_t rows, int64_t classes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty({rows, classes}, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint only
-#endif
-  return t;
-}
 
 // Per-row results (computed in double) as a tensor of `dtype` and `shape`.
 at::Tensor rows_tensor(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dtype) {
@@ -265,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   // their gradient after the pieces' statistics are merged.
   const at::Tensor total_weight_out = rows_tensor({rows.total_weight}, {}, p.acc_type);
   at::Tensor gx2d;
-  if (compute_grad) gx2d = new_grad_buffer(p.rows, p.classes, input.options());
+  if (compute_grad) gx2d = cpu::new_grad_buffer(p.rows, p.classes, input.options());
   const bool grad_in_pass =
       compute_grad && p.classes > 0 && (np == 1 || p.rows >= 4 * at::get_num_threads());
   if (grad_in_pass) {
@@ -352,7 +334,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
 
 struct CpuBackend {
   static at::Tensor new_grad_buffer(int64_t rows, int64_t classes, const at::TensorOptions& options) {
-    return fastce::new_grad_buffer(rows, classes, options);
+    return cpu::new_grad_buffer(rows, classes, options);
   }
   static void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss,
                             const at::Tensor& /*input*/, const Problem& p, const Options& opt,

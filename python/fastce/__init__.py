@@ -1,7 +1,7 @@
 """fastce: fast, exact cross-entropy for PyTorch (C++/CUDA kernels)."""
 import torch
 
-from . import _ops  # noqa: F401  (loads the kernels, registers fake kernels and autograd)
+from . import _C, _ops  # noqa: F401  (_ops: loads the kernels, registers fake kernels and autograd)
 from .functional import cross_entropy
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
@@ -15,9 +15,19 @@ def cpu_isa() -> str:
     return torch.ops.fastce.cpu_isa()
 
 
+def empty_cache() -> None:
+    """Unmaps the CPU gradient buffer that fastce keeps for reuse, if any.
+
+    A CPU gradient of 4 MiB or more lives in memory fastce maps itself (with transparent huge
+    pages); when it is freed, fastce keeps that memory, one buffer at a time, for the next
+    gradient of a similar size, so that a training step does not pay the page faults of fresh
+    memory. ``FASTCE_CPU_GRAD_CACHE=0`` turns the keeping off."""
+    _C.empty_cache()
+
+
 def has_cuda_kernels() -> bool:
     """Whether this build carries the CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastce::cross_entropy_forward", "CUDA")
 
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "vocab_parallel_cross_entropy", "cpu_isa", "has_cuda_kernels", "__version__"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "vocab_parallel_cross_entropy", "cpu_isa", "empty_cache", "has_cuda_kernels", "__version__"]

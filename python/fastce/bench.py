@@ -12,7 +12,10 @@ What is timed:
   which overwrites the logits with their gradient) the logits are a fresh copy made before the
   timer starts and freed after it stops: the copy stands for the LM head's output, whose
   allocation and release are not the loss's cost (the other variants' logits are not freed
-  in the timer either). Every variant's own buffers are allocated and freed inside it.
+  in the timer either). Every variant's own buffers are allocated and freed inside it, by
+  its own allocator: on the CPU, torch's come from malloc (fresh pages for large blocks),
+  fastce's large gradient from memory it kept from the previous run (as in a training loop;
+  ``fastce.empty_cache()``). The memory probe empties that cache before its measured step.
 The variants of a case are timed interleaved (one run of each in turn, after each one's warm-up
 runs), so that the machine's slow drifts weigh on all of them alike.
 """
@@ -308,6 +311,7 @@ def _peak_extra_bytes(device, variant, rows, classes, dtype):
     setup()
     step()  # warm-up: compilation, lazy initialization
     setup()
+    fastce.empty_cache()  # the gradient buffer fastce kept from the warm-up counts in the step
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -1,9 +1,12 @@
-// The eager fast path's doors into the ops: fastce._C.forward_below_autograd and
-// backward_below_autograd call fastce::cross_entropy_forward / _backward through the
+// The fastce._C module: importing it loads this library, which registers the ops (ops.cpp
+// and the kernels). Its functions:
+// - forward_below_autograd and backward_below_autograd, the eager fast path's doors into the
+// ops: they call fastce::cross_entropy_forward / _backward through the
 // dispatcher (so the CPU or CUDA kernel runs, as with torch.ops), below the Autograd key,
 // without torch.ops's generic boxing. On a 64x10 batch that boxing (11 or 14 arguments and
 // the results through IValues) costs more than the kernel; here the arguments go straight
 // to the typed call.
+// - empty_cache: releases the CPU gradient buffer kept for reuse (cpu/grad_buffer.cpp).
 //
 // The Python caller (_ops.cross_entropy_loss) has already normalized the argument types;
 // the op itself validates the values, and its errors reach Python as the same exceptions
@@ -15,6 +18,8 @@
 #include <array>
 #include <optional>
 #include <tuple>
+
+#include "cpu/grad_buffer.h"
 
 namespace fastce {
 namespace {
@@ -139,18 +144,36 @@ PyObject* backward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* empty_cache(PyObject* /*self*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  {
+    pybind11::gil_scoped_release no_gil;
+    cpu::release_kept_buffer();
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyCFunction fastcall(PyObject* (*f)(PyObject*, PyObject* const*, Py_ssize_t)) {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
 }
 
 }  // namespace
 
-PyMethodDef eager_methods[] = {
+PyMethodDef methods[] = {
     {"forward_below_autograd", fastcall(forward_below_autograd), METH_FASTCALL,
      "cross_entropy_forward below the Autograd key, without torch.ops's boxing"},
     {"backward_below_autograd", fastcall(backward_below_autograd), METH_FASTCALL,
      "cross_entropy_backward below the Autograd key, without torch.ops's boxing"},
+    {"empty_cache", empty_cache, METH_NOARGS, "releases the CPU gradient buffer kept for reuse"},
     {nullptr, nullptr, 0, nullptr},
 };
 
 }  // namespace fastce
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastce::methods};
+  return PyModule_Create(&module_def);
+}
+}
