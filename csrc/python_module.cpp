@@ -1,16 +1,13 @@
-// The fastce._C module: importing it loads this library, which registers the ops (ops.cpp
+// The fastce._C module. Importing it loads this library, which registers the ops (ops.cpp
 // and the kernels). Its functions:
-// - forward_below_autograd and backward_below_autograd, the eager fast path's doors into the
-// ops: they call fastce::cross_entropy_forward / _backward through the
-// dispatcher (so the CPU or CUDA kernel runs, as with torch.ops), below the Autograd key,
-// without torch.ops's generic boxing. On a 64x10 batch that boxing (11 or 14 arguments and
-// the results through IValues) costs more than the kernel; here the arguments go straight
-// to the typed call.
-// - empty_cache: releases the CPU gradient buffer kept for reuse (cpu/grad_buffer.cpp).
-//
-// The Python caller (_ops.cross_entropy_loss) has already normalized the argument types;
-// the op itself validates the values, and its errors reach Python as the same exceptions
-// torch.ops raises (HANDLE_TH_ERRORS).
+// - forward_below_autograd, backward_below_autograd, backward_inplace_below_autograd: the
+//   eager fast path's doors into the ops. They call fastce::cross_entropy_forward /
+//   _backward / _backward_inplace through the dispatcher (the CPU or CUDA kernel runs, as
+//   with torch.ops) below the Autograd key, without torch.ops's generic boxing: on a 64x10
+//   batch, passing 11 to 14 arguments and the results through IValues costs more than the
+//   kernel. The caller (_ops.py) has normalized the argument types; the op validates the
+//   values, and its errors reach Python as the exceptions torch.ops raises (HANDLE_TH_ERRORS).
+// - empty_cache: unmaps the CPU gradient buffer kept for reuse (cpu/grad_buffer.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -31,6 +28,11 @@ using BackwardSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
     double, std::optional<double>, double, bool);
+
+using BackwardInplaceSignature = void(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+    double, std::optional<double>, double);
 
 // Reads a call's positional arguments in order, as the op's schema types.
 class Args {
@@ -116,6 +118,32 @@ PyObject* forward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_s
   END_HANDLE_TH_ERRORS
 }
 
+// The arguments cross_entropy_backward and cross_entropy_backward_inplace share (their
+// first 13), read in schema order (members initialize in declaration order).
+struct BackwardArgs {
+  explicit BackwardArgs(Args& a)
+      : grad_loss(a.tensor()), grad_z_loss(a.tensor()), input(a.tensor()), target(a.tensor()),
+        weight(a.optional_tensor()), lse(a.tensor()), total_weight(a.tensor()), reduction(a.integer()),
+        ignore_index(a.integer()), label_smoothing(a.real()), logit_scale(a.real()),
+        softcap(a.optional_real()), lse_square_scale(a.real()) {}
+  template <class Op, class... Extra>
+  auto call(const Op& op, Extra... extra) const {
+    return call_below_autograd(op, grad_loss, grad_z_loss, input, target, weight, lse, total_weight, reduction,
+                               ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale, extra...);
+  }
+  const at::Tensor& grad_loss;
+  const at::Tensor& grad_z_loss;
+  const at::Tensor& input;
+  const at::Tensor& target;
+  const std::optional<at::Tensor> weight;
+  const at::Tensor& lse;
+  const at::Tensor& total_weight;
+  const int64_t reduction, ignore_index;
+  const double label_smoothing, logit_scale;
+  const std::optional<double> softcap;
+  const double lse_square_scale;
+};
+
 // backward_below_autograd(grad_loss, grad_z_loss, input, target, weight, lse, total_weight,
 //                         reduction, ignore_index, label_smoothing, logit_scale, softcap,
 //                         lse_square_scale, compute_grad_target)
@@ -126,21 +154,21 @@ PyObject* backward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_
                              .findSchemaOrThrow("fastce::cross_entropy_backward", "")
                              .typed<BackwardSignature>();
   Args a("backward_below_autograd", args, nargs, 14);
-  const at::Tensor& grad_loss = a.tensor();
-  const at::Tensor& grad_z_loss = a.tensor();
-  const at::Tensor& input = a.tensor();
-  const at::Tensor& target = a.tensor();
-  const std::optional<at::Tensor> weight = a.optional_tensor();
-  const at::Tensor& lse = a.tensor();
-  const at::Tensor& total_weight = a.tensor();
-  const int64_t reduction = a.integer(), ignore_index = a.integer();
-  const double label_smoothing = a.real(), logit_scale = a.real();
-  const std::optional<double> softcap = a.optional_real();
-  const double lse_square_scale = a.real();
+  const BackwardArgs common(a);
   const bool compute_grad_target = a.flag();
-  return wrap_all(call_below_autograd(op, grad_loss, grad_z_loss, input, target, weight, lse, total_weight,
-                                      reduction, ignore_index, label_smoothing, logit_scale, softcap,
-                                      lse_square_scale, compute_grad_target));
+  return wrap_all(common.call(op, compute_grad_target));
+  END_HANDLE_TH_ERRORS
+}
+
+// backward_inplace_below_autograd(the same 13 arguments): cross_entropy_backward_inplace.
+PyObject* backward_inplace_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastce::cross_entropy_backward_inplace", "")
+                             .typed<BackwardInplaceSignature>();
+  Args a("backward_inplace_below_autograd", args, nargs, 13);
+  BackwardArgs(a).call(op);
+  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -165,6 +193,8 @@ PyMethodDef methods[] = {
      "cross_entropy_forward below the Autograd key, without torch.ops's boxing"},
     {"backward_below_autograd", fastcall(backward_below_autograd), METH_FASTCALL,
      "cross_entropy_backward below the Autograd key, without torch.ops's boxing"},
+    {"backward_inplace_below_autograd", fastcall(backward_inplace_below_autograd), METH_FASTCALL,
+     "cross_entropy_backward_inplace below the Autograd key, without torch.ops's boxing"},
     {"empty_cache", empty_cache, METH_NOARGS, "releases the CPU gradient buffer kept for reuse"},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -40,6 +40,18 @@ def test_backward_entry_is_the_op(device, want_target_grad):
         _assert_same(got, _below_autograd(ops.cross_entropy_backward.default, *bargs))
 
 
+def test_backward_inplace_entry_is_the_op(device):
+    for args in cases(device):
+        x, t = args[0].detach(), args[1].detach()
+        loss, zl, lse, tw, _ = ops.cross_entropy_forward(*args)
+        bargs = (torch.rand_like(loss), torch.rand_like(zl), x, t, args[2], lse, tw, *args[3:9])
+        by_entry, by_op = x.clone(), x.clone()
+        assert _C.backward_inplace_below_autograd(*bargs[:2], by_entry, *bargs[3:]) is None
+        _below_autograd(ops.cross_entropy_backward_inplace.default, *bargs[:2], by_op, *bargs[3:])
+        _assert_same([by_entry], [by_op])
+        assert not torch.equal(by_entry, x)  # it did write
+
+
 def _error_of(fn, *args):
     with pytest.raises(Exception) as info:
         fn(*args)
@@ -74,7 +86,8 @@ def test_entry_rejects_wrong_argument_types(position, value):
         _C.forward_below_autograd(*args)
 
 
-@pytest.mark.parametrize("entry, count", [("forward_below_autograd", 11), ("backward_below_autograd", 14)])
+@pytest.mark.parametrize("entry, count", [("forward_below_autograd", 11), ("backward_below_autograd", 14),
+                                          ("backward_inplace_below_autograd", 13)])
 def test_entry_checks_the_argument_count(entry, count):
     with pytest.raises(TypeError, match=f"takes {count} arguments, got 3"):
         getattr(_C, entry)(torch.randn(2, 3), torch.tensor([0, 1]), None)

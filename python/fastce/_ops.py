@@ -100,8 +100,8 @@ def _backward(ctx, grad_loss, grad_z_loss, *_grads_of_non_differentiable_outputs
     # backward op must go through autograd (which refuses double backward).
     plain = not torch.is_grad_enabled() and (getattr(ctx, "eager", False) or not _tracing(input))
     if ctx.inplace_backward and plain:
-        _call_below_autograd(ops.cross_entropy_backward_inplace.default, grad_loss, grad_z_loss,
-                             input, target, weight, lse, total_weight, *ctx.options)
+        _C.backward_inplace_below_autograd(grad_loss, grad_z_loss, input, target, weight, lse,
+                                           total_weight, *ctx.options)
         # The logits now hold their gradient: make autograd reject any later use of them.
         torch.autograd.graph.increment_version(input)
         grad_input = input
@@ -124,13 +124,9 @@ torch.library.register_autograd("fastce::cross_entropy_forward", _backward,
 # torch.library's generic autograd wrapper costs about 40 us of Python per call (it refills
 # the schema's defaults and redispatches from Python): more than torch's whole step on a
 # 64x10 batch. Outside tracing, the same formula (_setup_context, _backward) is applied by
-# a plain autograd.Function around the op called below the Autograd key. Under
-# torch.compile, export, dispatch modes and tensor subclasses the registered path is used.
-
-def _call_below_autograd(op, *args):
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
+# a plain autograd.Function around the op called below the Autograd key (through _C's typed
+# calls: csrc/python_module.cpp). Under torch.compile, export, dispatch modes and tensor
+# subclasses the registered path is used.
 
 def _saved_tensor_hooks_probe():
     # Checkpointing (non-reentrant) and offloading act through saved-tensor hooks; a gradient
