@@ -21,12 +21,13 @@ TORCH_LIBRARY(fastce, m) {
   // each row's transformed logits (float64 keeps z - lse exact for large logits);
   // total_weight: the mean's divisor (float32, float64 for float64 input).
   // reduction: 0 none, 1 mean, 2 sum (torch's enum). grad_input: with compute_grad, the
-  // gradient of the logits for grad_loss = 1 and grad_z_loss = 0 (what cross_entropy_backward
-  // returns for them, bit for bit), computed while the rows are in cache; else empty.
+  // gradient of the logits for grad_loss = grad_scale (every element of it) and grad_z_loss = 0
+  // (what cross_entropy_backward returns for them, bit for bit), computed while the rows are
+  // in cache; else empty.
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float logit_scale, float? softcap, "
-      "float lse_square_scale, bool inplace_backward, bool compute_grad=False) "
+      "float lse_square_scale, bool inplace_backward, bool compute_grad=False, float grad_scale=1.0) "
       "-> (Tensor loss, Tensor z_loss, Tensor lse, Tensor total_weight, Tensor grad_input)");
   // grad_target is empty unless compute_grad_target and the target holds probabilities.
   m.def(

@@ -23,7 +23,7 @@ namespace {
 
 using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, double,
-    double, std::optional<double>, double, bool, bool);
+    double, std::optional<double>, double, bool, bool, double);
 using BackwardSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
@@ -87,6 +87,11 @@ PyObject* wrap_all(std::tuple<T...> results) {
   return tuple;
 }
 
+template <class Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 // Runs the op below the Autograd key, without the GIL (as torch.ops does).
 template <class Op, class... A>
 auto call_below_autograd(const Op& op, const A&... args) {
@@ -96,14 +101,13 @@ auto call_below_autograd(const Op& op, const A&... args) {
 }
 
 // forward_below_autograd(input, target, weight, reduction, ignore_index, label_smoothing,
-//                        logit_scale, softcap, lse_square_scale, inplace_backward, compute_grad)
+//                        logit_scale, softcap, lse_square_scale, inplace_backward, compute_grad,
+//                        grad_scale)
 // -> (loss, z_loss, lse, total_weight, grad_input): cross_entropy_forward's arguments and results.
 PyObject* forward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastce::cross_entropy_forward", "")
-                             .typed<ForwardSignature>();
-  Args a("forward_below_autograd", args, nargs, 11);
+  static const auto op = find_op<ForwardSignature>("fastce::cross_entropy_forward");
+  Args a("forward_below_autograd", args, nargs, 12);
   const at::Tensor& input = a.tensor();
   const at::Tensor& target = a.tensor();
   const std::optional<at::Tensor> weight = a.optional_tensor();
@@ -112,9 +116,10 @@ PyObject* forward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_s
   const std::optional<double> softcap = a.optional_real();
   const double lse_square_scale = a.real();
   const bool inplace_backward = a.flag(), compute_grad = a.flag();
+  const double grad_scale = a.real();
   return wrap_all(call_below_autograd(op, input, target, weight, reduction, ignore_index, label_smoothing,
                                       logit_scale, softcap, lse_square_scale, inplace_backward,
-                                      compute_grad));
+                                      compute_grad, grad_scale));
   END_HANDLE_TH_ERRORS
 }
 
@@ -150,9 +155,7 @@ struct BackwardArgs {
 // -> (grad_input, grad_target): cross_entropy_backward's arguments and results.
 PyObject* backward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastce::cross_entropy_backward", "")
-                             .typed<BackwardSignature>();
+  static const auto op = find_op<BackwardSignature>("fastce::cross_entropy_backward");
   Args a("backward_below_autograd", args, nargs, 14);
   const BackwardArgs common(a);
   const bool compute_grad_target = a.flag();
@@ -163,9 +166,7 @@ PyObject* backward_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_
 // backward_inplace_below_autograd(the same 13 arguments): cross_entropy_backward_inplace.
 PyObject* backward_inplace_below_autograd(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastce::cross_entropy_backward_inplace", "")
-                             .typed<BackwardInplaceSignature>();
+  static const auto op = find_op<BackwardInplaceSignature>("fastce::cross_entropy_backward_inplace");
   Args a("backward_inplace_below_autograd", args, nargs, 13);
   BackwardArgs(a).call(op);
   Py_RETURN_NONE;

@@ -24,8 +24,8 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("compute_grad", [False, True])
 def test_forward_entry_is_the_op(device, compute_grad):
     for args in cases(device):
-        got = _C.forward_below_autograd(*args, compute_grad)
-        _assert_same(got, _below_autograd(ops.cross_entropy_forward.default, *args, compute_grad))
+        got = _C.forward_below_autograd(*args, compute_grad, 0.75)
+        _assert_same(got, _below_autograd(ops.cross_entropy_forward.default, *args, compute_grad, 0.75))
         assert not any(t.requires_grad for t in got)  # below autograd: no graph, whatever the input
 
 
@@ -61,7 +61,7 @@ def _error_of(fn, *args):
 @pytest.mark.parametrize("fault", ["class out of range", "reduction", "softcap", "batch", "dtype"])
 def test_entry_raises_what_the_op_raises(fault):
     x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    args = [x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False, False]
+    args = [x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False, False, 1.0]
     if fault == "class out of range":
         args[1] = torch.tensor([0, 1, 7, 3])
     elif fault == "reduction":
@@ -77,16 +77,16 @@ def test_entry_raises_what_the_op_raises(fault):
 
 
 @pytest.mark.parametrize("position, value", [(0, [1.0]), (1, None), (2, 3), (3, 1.5), (5, "0.1"),
-                                             (7, "cap")])
+                                             (7, "cap"), (11, "half")])
 def test_entry_rejects_wrong_argument_types(position, value):
     args = [torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), None, 1, -100, 0.0, 1.0, None, 0.0, False,
-            False]
+            False, 1.0]
     args[position] = value
     with pytest.raises(TypeError):
         _C.forward_below_autograd(*args)
 
 
-@pytest.mark.parametrize("entry, count", [("forward_below_autograd", 11), ("backward_below_autograd", 14),
+@pytest.mark.parametrize("entry, count", [("forward_below_autograd", 12), ("backward_below_autograd", 14),
                                           ("backward_inplace_below_autograd", 13)])
 def test_entry_checks_the_argument_count(entry, count):
     with pytest.raises(TypeError, match=f"takes {count} arguments, got 3"):

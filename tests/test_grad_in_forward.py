@@ -1,6 +1,7 @@
-"""The gradient computed in the forward pass (cross_entropy_forward's compute_grad, used by the
-eager path on the CPU): bit for bit what the backward op computes, used only when the
-incoming gradient is exactly 1, and recomputed (or rejected like torch) otherwise."""
+"""The gradient computed in the forward pass (cross_entropy_forward's compute_grad and
+grad_scale, used by the eager path on the CPU): bit for bit what the backward op computes for
+that incoming gradient, used only when the incoming gradient is exactly the one it was computed
+for (the previous backward's), and recomputed (or rejected like torch) otherwise."""
 import pytest
 import torch
 
@@ -12,12 +13,12 @@ ops = torch.ops.fastce
 
 
 @pytest.fixture(autouse=True)
-def _fresh_unit_gradient_state():
-    # The eager path remembers whether the last backward got a unit gradient: start each
-    # test from the initial state.
-    _ops._UnitGradient.expected = True
+def _fresh_expected_gradient():
+    # The eager path remembers the incoming gradient of the last backward: start each test
+    # from the initial state (1).
+    _ops._ExpectedGradient.value = 1.0
     yield
-    _ops._UnitGradient.expected = True
+    _ops._ExpectedGradient.value = 1.0
 
 OPTIONS = [
     dict(),
@@ -33,18 +34,19 @@ def _op_args(x, t, reduction, weight=False, ignore=-100, label_smoothing=0.0, lo
     return (x, t, w, reduction, ignore, label_smoothing, logit_scale, softcap, lse_square_scale, False)
 
 
-def _unit_backward(args, lse, total_weight):
+def _backward_op(args, lse, total_weight, grad_scale=1.0):
     x, t, w, reduction = args[:4]
     shape = lse.shape if reduction == 0 else ()
-    ones = torch.ones(shape, dtype=x.dtype, device=x.device)
-    return ops.cross_entropy_backward(ones, torch.zeros_like(ones), x, t, w, lse, total_weight,
+    g = torch.full(shape, grad_scale, dtype=x.dtype, device=x.device)
+    return ops.cross_entropy_backward(g, torch.zeros_like(g), x, t, w, lse, total_weight,
                                       *args[3:9], False)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(64, 10), (5, 1), (9, 40000), (1, 70000), (3, 7, 4), (0, 5), (4, 0)], ids=str)
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
-def test_op_gradient_is_the_backward_ops_bit_for_bit(device, dtype, shape, options):
+@pytest.mark.parametrize("grad_scale", [1.0, -0.375], ids=str)  # (exact in every dtype)
+def test_op_gradient_is_the_backward_ops_bit_for_bit(device, dtype, shape, options, grad_scale):
     # 40000 and 70000 classes: rows of two and three pieces, many rows (one task per row) and
     # one row (split across threads, its gradient after the merge).
     x = (torch.randn(shape, device=device) * 4).to(dtype)
@@ -57,11 +59,11 @@ def test_op_gradient_is_the_backward_ops_bit_for_bit(device, dtype, shape, optio
         if C == 0 and t.numel() > 0:
             args = args[:1] + (t.fill_(options.get("ignore", -100)),) + args[2:]
         plain = ops.cross_entropy_forward(*args)
-        fused = ops.cross_entropy_forward(*args, True)
+        fused = ops.cross_entropy_forward(*args, True, grad_scale)
         for a, b in zip(plain[:4], fused[:4]):
             assert torch.equal(a.nan_to_num(), b.nan_to_num())
         assert plain[4].numel() == 0 and fused[4].shape == x.shape
-        expected = _unit_backward(args, plain[2], plain[3])
+        expected = _backward_op(args, plain[2], plain[3], grad_scale)
         assert torch.equal(fused[4].nan_to_num(), expected.nan_to_num()), (reduction, (fused[4] - expected).abs().max())
 
 
@@ -71,8 +73,8 @@ def test_op_gradient_with_probability_targets(device, dtype):
     y = torch.softmax(torch.randn(12, 300, device=device), 1).to(dtype)
     for reduction in (1, 2):
         args = (x, y, None, reduction, -100, 0.2, 1.0, None, 1e-3, False)
-        out = ops.cross_entropy_forward(*args, True)
-        assert torch.equal(out[4], _unit_backward(args, out[2], out[3]))
+        out = ops.cross_entropy_forward(*args, True, 0.5)
+        assert torch.equal(out[4], _backward_op(args, out[2], out[3], 0.5))
 
 
 def _count_backward_ops(monkeypatch):
@@ -95,24 +97,27 @@ def _registered(fn):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("options", [dict(), dict(reduction="sum", label_smoothing=0.1),
                                      dict(lse_square_scale=1e-3, softcap=8.0)], ids=str)
-@pytest.mark.parametrize("scale", [1.0, 0.25, 3.0])
-def test_eager_backward_uses_it_only_for_a_unit_gradient(monkeypatch, dtype, options, scale):
+@pytest.mark.parametrize("scale", [1.0, 0.25, 1 / 3, 3.0])
+def test_eager_backward_uses_it_for_the_expected_gradient(monkeypatch, dtype, options, scale):
+    # A loop of (loss * scale).backward(): the first step's forward computed the gradient for
+    # an incoming 1, so unless scale is 1 that step recomputes; from the second step on, the
+    # forward computes it for `scale` and the backward hands it over.
     x = (torch.randn(33, 517) * 3).to(dtype)
     t = torch.randint(0, 517, (33,))
     calls = _count_backward_ops(monkeypatch)
-    grads = []
-    for run in (lambda f: f(), _registered):
-        h = x.clone().requires_grad_()
-        run(lambda: (fastce.cross_entropy(h, t, **options) * scale).backward())
-        grads.append(h.grad)
-    # scale 1: the eager pass used its forward gradient; otherwise it recomputed. The
-    # registered path always runs the backward op (its own autograd wrapper: not counted).
-    assert len(calls) == (0 if scale == 1.0 else 1)
-    assert torch.equal(grads[0], grads[1])
     ref = x.double().requires_grad_()
     (reference_cross_entropy(ref, t, **options) * scale).backward()
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
-    torch.testing.assert_close(grads[0].double(), ref.grad, rtol=tol, atol=tol * 1e-2)
+    for step in range(3):
+        grads = []
+        for run in (lambda f: f(), _registered):
+            h = x.clone().requires_grad_()
+            run(lambda: (fastce.cross_entropy(h, t, **options) * scale).backward())
+            grads.append(h.grad)
+        # The registered path always runs the backward op (its own wrapper: not counted).
+        assert len(calls) == (0 if scale == 1.0 else 1), step
+        assert torch.equal(grads[0], grads[1])
+        torch.testing.assert_close(grads[0].double(), ref.grad, rtol=tol, atol=tol * 1e-2)
 
 
 def test_z_loss_gradient_recomputes(monkeypatch):
@@ -212,22 +217,32 @@ def _holds_gradient(loss):
     return loss.grad_fn.grad_input is not None
 
 
-def test_a_scaled_loop_stops_computing_it_and_a_plain_one_resumes():
+def test_the_expected_gradient_follows_the_loop(monkeypatch):
     x = torch.randn(16, 300, requires_grad=True)
     t = torch.randint(0, 300, (16,))
-    loss = fastce.cross_entropy(x, t)
-    assert _holds_gradient(loss)
-    (loss / 4).backward()  # gradient accumulation: this step recomputes ...
-    loss = fastce.cross_entropy(x, t)
-    assert not _holds_gradient(loss)  # ... and the next one does not pay for it
-    loss.backward()
-    loss = fastce.cross_entropy(x, t)
-    assert _holds_gradient(loss)
-    x.grad = None
-    loss.backward()
+    calls = _count_backward_ops(monkeypatch)
     ref = x.detach().double().requires_grad_()
     reference_cross_entropy(ref, t).backward()
-    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=1e-6, atol=1e-8)
+
+    def step(scale, z_loss=False):
+        x.grad = None
+        loss, z = fastce.cross_entropy(x, t, lse_square_scale=1e-3 * z_loss, return_z_loss=True)
+        held = loss.grad_fn.grad_input is not None
+        ((loss + z if z_loss else loss) * scale).backward()
+        if not z_loss:
+            torch.testing.assert_close(x.grad.double(), scale * ref.grad, rtol=1e-5, atol=1e-8)
+        return held, len(calls)
+
+    assert step(1.0) == (True, 0)
+    assert step(0.25) == (True, 1)   # gradient accumulation: this step recomputes ...
+    assert step(0.25) == (True, 1)   # ... the next ones get it from the forward pass
+    assert step(1.0) == (True, 2)    # back to plain: one recomputation
+    assert step(1.0) == (True, 2)
+    assert step(1.0, z_loss=True) == (True, 3)  # the z-loss output used: nothing to expect ...
+    assert step(1.0) == (False, 4)  # ... so the next forward computes none
+    assert step(1.0) == (True, 4)
+    assert step(0.0) == (True, 5)   # zero (or inf, NaN) is not expected either
+    assert step(0.0) == (False, 6)
 
 
 def test_not_held_under_checkpointing_or_saved_tensor_hooks():

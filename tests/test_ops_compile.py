@@ -37,6 +37,7 @@ def test_opcheck_forward(device):
     for args in cases(device):
         torch.library.opcheck(ops.cross_entropy_forward, args)
         torch.library.opcheck(ops.cross_entropy_forward, (*args, True))  # compute_grad
+        torch.library.opcheck(ops.cross_entropy_forward, (*args, True, 0.5))  # for grad_loss = 0.5
 
 
 def test_opcheck_backward(device):

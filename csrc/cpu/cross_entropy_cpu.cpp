@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
     std::optional<double> softcap, double lse_square_scale, bool /*inplace_backward*/,
-    bool compute_grad) {
+    bool compute_grad, double grad_scale) {
   const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
                                    lse_square_scale);
   const Problem p = prepare(input, target, weight, opt);
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     return l;
   };
 
-  // compute_grad: the gradient for grad_loss = 1 and grad_z_loss = 0. With enough rows to
+  // compute_grad: the gradient for grad_loss = grad_scale and grad_z_loss = 0. With enough rows to
   // balance the threads, a task is a whole row: its statistics, loss, then gradient while
   // the row is still in cache. Few long rows are split into pieces (for_each_piece), and get
   // their gradient after the pieces' statistics are merged.
@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   if (grad_in_pass) {
     const GradOut out(&gx2d, nullptr);
     const double div = grad_divisor(reduction, total_weight_out);
-    const double g = 1.0 / div, g_z = 0.0 / div;  // as the backward op computes them
+    const double g = grad_scale / div, g_z = 0.0 / div;  // as the backward op computes them
     const int64_t grain = std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, p.classes));
     at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
@@ -295,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   if (!compute_grad) return {loss_out, zloss_out, lse_out, total_weight_out, at::empty({0}, input.options())};
   if (!grad_in_pass) {  // few rows of several pieces: their lse is known only now
     const int64_t n_grad = reduction == kNone ? p.rows : 1;
-    backward_into(at::ones({n_grad}, at::kDouble), at::zeros({n_grad}, at::kDouble), p, opt, lse_out,
+    backward_into(at::full({n_grad}, grad_scale, at::kDouble), at::zeros({n_grad}, at::kDouble), p, opt, lse_out,
                   total_weight_out, gx2d, nullptr);
   }
   return {loss_out, zloss_out, lse_out, total_weight_out, grad_to_input_layout(gx2d, input)};

@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing, double logit_scale,
     std::optional<double> softcap, double lse_square_scale, bool /*inplace_backward*/,
-    bool compute_grad) {
+    bool compute_grad, double grad_scale) {
   const Options opt = make_options(reduction, ignore_index, label_smoothing, logit_scale, softcap,
                                    lse_square_scale);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -122,13 +122,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     loss = row_loss.to(input.scalar_type()).view(p.row_shape);
     zloss = row_zloss.to(input.scalar_type()).view(p.row_shape);
   }
-  // compute_grad: the backward kernel for unit gradients, queued right after (no fused
+  // compute_grad: the backward kernel for grad_loss = grad_scale, queued right after (no fused
   // kernel on CUDA yet; the eager fast path asks for it on the CPU only).
   at::Tensor grad = at::empty({0}, input.options());
   if (compute_grad) {
     const int64_t n_grad = reduction == kNone ? p.rows : 1;
     at::Tensor gx2d = at::empty({p.rows, p.classes}, input.options());
-    backward_into(at::ones({n_grad}, acc), at::zeros({n_grad}, acc), input, p, opt, lse, total_weight, gx2d,
+    backward_into(at::full({n_grad}, grad_scale, acc), at::zeros({n_grad}, acc), input, p, opt, lse, total_weight, gx2d,
                   nullptr);
     grad = grad_to_input_layout(gx2d, input);
   }

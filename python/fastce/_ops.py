@@ -3,6 +3,8 @@ fast path that applies the same autograd formula with less Python per call.
 
 The schemas and the CPU/CUDA kernels live in C++ (csrc/); `import fastce._C` loads them.
 """
+import math
+
 import torch
 
 try:
@@ -35,7 +37,7 @@ def _check_devices(input, *others):
 
 @torch.library.register_fake("fastce::cross_entropy_forward")
 def _forward_fake(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
-                  softcap, lse_square_scale, inplace_backward, compute_grad=False):
+                  softcap, lse_square_scale, inplace_backward, compute_grad=False, grad_scale=1.0):
     _check_devices(input, target, weight)
     rows = _row_shape(input)
     loss_shape = rows if reduction == 0 else ()
@@ -64,7 +66,8 @@ _BACKWARD_OPTIONS = 6  # reduction ... lse_square_scale: the options the backwar
 
 
 def _save_for_backward(ctx, input, target, weight, options, lse, total_weight):
-    # options: the op's arguments after `weight` (reduction ... inplace_backward[, compute_grad])
+    # options: the op's arguments after `weight` (reduction ... inplace_backward[, compute_grad,
+    # grad_scale])
     ctx.save_for_backward(input, target, weight, lse, total_weight)
     ctx.options = options[:_BACKWARD_OPTIONS]
     ctx.inplace_backward = options[_BACKWARD_OPTIONS]
@@ -89,7 +92,7 @@ def _tracing(t):
 
 def _backward(ctx, grad_loss, grad_z_loss, *_grads_of_non_differentiable_outputs):
     if grad_loss is None and grad_z_loss is None:
-        return (None,) * 11
+        return (None,) * 12
     input, target, weight, lse, total_weight = ctx.saved_tensors
     if grad_z_loss is None:
         grad_z_loss = torch.zeros_like(grad_loss)
@@ -113,7 +116,7 @@ def _backward(ctx, grad_loss, grad_z_loss, *_grads_of_non_differentiable_outputs
         grad_input, grad_target = _C.backward_below_autograd(*args) if plain else backward_op(*args)
         if not want_target_grad:
             grad_target = None
-    return (grad_input if ctx.needs_input_grad[0] else None, grad_target) + (None,) * 9
+    return (grad_input if ctx.needs_input_grad[0] else None, grad_target) + (None,) * 10
 
 
 torch.library.register_autograd("fastce::cross_entropy_forward", _backward,
@@ -144,13 +147,22 @@ def _saved_tensor_hooks_probe():
 _saved_tensor_hooks_active = _saved_tensor_hooks_probe()
 
 
-class _UnitGradient:
-    # Whether the last eager backward that could have used a forward-pass gradient got an
-    # incoming gradient of exactly 1. A loop that scales its loss (loss / k, a loss weight,
-    # GradScaler) or uses the z-loss output pays for one gradient it must recompute, then
-    # stops asking for it; a loop of plain loss.backward() keeps it. Results are the same
-    # bits either way, so this only moves time.
-    expected = True
+class _ExpectedGradient:
+    # The incoming gradient (grad_loss) the next forward computes the logits' gradient for:
+    # what the last eager backward that could have used a forward-pass gradient got, when it
+    # was a finite nonzero number and the z-loss output was unused (loss.backward(): 1;
+    # loss / k: 1/k; a GradScaler's scale), else None (then none is computed). A loop whose
+    # incoming gradient changes pays for one gradient it must recompute per change. Results
+    # are the same bits either way (the forward op computes for grad_scale exactly as the
+    # backward op does for that grad_loss), so this only moves time.
+    value = 1.0
+
+
+def _expected_from(grad_loss, grad_z_loss):
+    if grad_z_loss is not None or grad_loss is None or torch.is_grad_enabled():
+        return None  # (create_graph=True needs a gradient autograd can differentiate)
+    g = grad_loss.item()
+    return g if g != 0.0 and math.isfinite(g) else None
 
 
 def _can_use_gradient_in_forward(input, target, options):
@@ -165,16 +177,16 @@ def _can_use_gradient_in_forward(input, target, options):
 
 
 class _EagerCrossEntropy(torch.autograd.Function):
-    # Four inputs and two outputs rather than the op's eleven and five: autograd's
+    # Four inputs and two outputs rather than the op's twelve and five: autograd's
     # per-argument bookkeeping is a good part of the cost on small batches.
     @staticmethod
     def forward(ctx, input, target, weight, options):
         ctx.could_use_grad = _can_use_gradient_in_forward(input, target, options)
-        compute_grad = ctx.could_use_grad and _UnitGradient.expected
+        scale = _ExpectedGradient.value if ctx.could_use_grad else None
         loss, z_loss, lse, total_weight, grad_input = _C.forward_below_autograd(
-            input, target, weight, *options, compute_grad)
+            input, target, weight, *options, scale is not None, 1.0 if scale is None else scale)
         _save_for_backward(ctx, input, target, weight, options, lse, total_weight)
-        ctx.grad_input = grad_input if compute_grad else None
+        ctx.grad_input, ctx.grad_scale = (None, None) if scale is None else (grad_input, scale)
         ctx.eager = True  # known untraced: _backward skips that test
         return loss, z_loss
 
@@ -182,11 +194,8 @@ class _EagerCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_z_loss):
         grad_input, ctx.grad_input = ctx.grad_input, None  # once: a second backward recomputes
         if ctx.could_use_grad:
-            # (create_graph=True needs a gradient that autograd can differentiate: _backward)
-            unit = (grad_z_loss is None and grad_loss is not None and not torch.is_grad_enabled()
-                    and grad_loss.item() == 1.0)
-            _UnitGradient.expected = unit
-            if unit and grad_input is not None:
+            expected = _ExpectedGradient.value = _expected_from(grad_loss, grad_z_loss)
+            if grad_input is not None and expected == ctx.grad_scale:
                 # The gradient of the loss as computed, even if the logits were modified in
                 # place since (torch's own gradient does not read them either). Recomputing
                 # reads them: then autograd's version check raises.
@@ -225,7 +234,7 @@ def cross_entropy_loss(input, target, weight, *options):
         return ops.cross_entropy_forward(input, target, weight, *options)[:2]
     if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
         return _apply_eager(input, target, weight, options)
-    return _C.forward_below_autograd(input, target, weight, *options, False)[:2]
+    return _C.forward_below_autograd(input, target, weight, *options, False, 1.0)[:2]
 
 
 def _no_double_backward(ctx, *grads):
