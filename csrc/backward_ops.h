@@ -3,6 +3,7 @@
 //   static void backward_into(grad_loss, grad_z_loss, input, Problem, Options, lse,
 //                             total_weight, at::Tensor& grad2d, at::Tensor* grad_target2d);
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <tuple>
@@ -43,8 +44,11 @@ void backward_inplace_op(const at::Tensor& grad_loss, const at::Tensor& grad_zlo
                                    lse_square_scale);
   const c10::DeviceGuard guard(input.device());
   const Problem p = prepare(input, target, weight, opt);
+  // (Rows that share memory, e.g. an expanded tensor, take the copy-back path, whose copy_
+  // raises torch's error for writing into overlapping memory.)
   const bool same_storage = input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
-                            (p.classes <= 1 || p.logits.stride(1) == 1);
+                            (p.classes <= 1 || p.logits.stride(1) == 1) &&
+                            at::has_internal_overlap(input) == at::MemOverlap::No;
   if (same_storage) {
     at::Tensor gx2d = p.logits;
     Backend::backward_into(grad_loss, grad_zloss, input, p, opt, lse, total_weight, gx2d, nullptr);

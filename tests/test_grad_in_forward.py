@@ -268,3 +268,19 @@ def test_not_held_under_checkpointing_or_saved_tensor_hooks():
     reference_cross_entropy(ref_h @ ref_w, t).backward()
     torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_batched_incoming_gradients():
+    # autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) send a batched
+    # grad_loss, which has no single value to compare: the backward op recomputes.
+    x = torch.randn(8, 10, requires_grad=True)
+    t = torch.randint(0, 10, (8,))
+    v = torch.tensor([1.0, 2.0, -0.5])
+    got, = torch.autograd.grad(fastce.cross_entropy(x, t), x, v, is_grads_batched=True)
+    ref, = torch.autograd.grad(torch.nn.functional.cross_entropy(x, t), x, v, is_grads_batched=True)
+    torch.testing.assert_close(got, ref)
+    jac = torch.autograd.functional.jacobian(lambda z: fastce.cross_entropy(z, t, reduction="sum"), x,
+                                             vectorize=True)
+    ref_jac = torch.autograd.functional.jacobian(
+        lambda z: torch.nn.functional.cross_entropy(z, t, reduction="sum"), x, vectorize=True)
+    torch.testing.assert_close(jac, ref_jac)

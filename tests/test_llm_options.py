@@ -119,3 +119,18 @@ def test_inplace_backward_twice_is_detected():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_inplace_backward_into_logits_whose_rows_share_memory_is_refused():
+    # An expanded tensor has one row of storage for all rows: their gradients cannot all be
+    # written there (torch's own error for writing into overlapping memory), never a silently
+    # wrong gradient.
+    h = torch.randn(1, 10, requires_grad=True)
+    logits = (h * 1).expand(8, 10)
+    loss = fastce.cross_entropy(logits, torch.arange(8), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        loss.backward()
+    # Out of place, the same logits are fine.
+    g, = torch.autograd.grad(fastce.cross_entropy((h * 1).expand(8, 10), torch.arange(8)), h)
+    ref, = torch.autograd.grad(torch.nn.functional.cross_entropy((h * 1).expand(8, 10), torch.arange(8)), h)
+    torch.testing.assert_close(g, ref)

@@ -34,31 +34,34 @@ bool keeping_enabled() {
 }
 
 #if defined(__linux__)
-// One mapping, aligned to a huge page so that all of it can be backed by huge pages.
+// One mapping, its data aligned to a huge page (so that all of it can be backed by huge
+// pages), this header just before the data: the DataPtr's context is its data pointer, as
+// torch's own CPU allocations have (a "simple" data pointer, which copy-on-write needs).
 struct Block {
-  void* map = nullptr;  // what mmap returned
-  size_t map_size = 0;
-  void* data = nullptr;  // 2 MiB aligned
-  size_t size = 0;       // usable bytes from data
+  void* map;        // what mmap returned
+  size_t map_size;
+  size_t size;      // usable bytes from data()
+  char* data() { return reinterpret_cast<char*>(this) + kHeader; }
+  static Block* of(void* data) { return reinterpret_cast<Block*>(static_cast<char*>(data) - kHeader); }
+  static constexpr size_t kHeader = 64;
 };
 
 Block* map_block(size_t n) {
   const size_t size = (n + kHugePage - 1) / kHugePage * kHugePage;
-  const size_t map_size = size + kHugePage;
+  const size_t map_size = size + kHugePage;  // room to align data and put the header before it
   void* map = mmap(nullptr, map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (map == MAP_FAILED) throw std::bad_alloc();
-  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(map) + kHugePage - 1) & ~(kHugePage - 1);
-  void* data = reinterpret_cast<void*>(aligned);
+  TORCH_CHECK(map != MAP_FAILED, "fastce: not enough memory: you tried to allocate ", n, " bytes.");
+  const uintptr_t data =
+      (reinterpret_cast<uintptr_t>(map) + Block::kHeader + kHugePage - 1) & ~(kHugePage - 1);
+  Block* b = new (reinterpret_cast<void*>(data - Block::kHeader)) Block{map, map_size, size};
 #if defined(MADV_HUGEPAGE)
-  madvise(data, size, MADV_HUGEPAGE);  // a hint only
+  madvise(b->data(), size, MADV_HUGEPAGE);  // a hint only
 #endif
-  return new Block{map, map_size, data, size};
+  return b;
 }
 
 void unmap_block(Block* b) {
-  if (!b) return;
-  munmap(b->map, b->map_size);
-  delete b;
+  if (b) munmap(b->map, b->map_size);  // the header goes with the mapping
 }
 
 class KeepingAllocator final : public c10::Allocator {
@@ -70,7 +73,7 @@ class KeepingAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Block* b = take(n);
     if (!b) b = map_block(n);
-    return {b->data, b, &KeepingAllocator::release, c10::Device(c10::kCPU)};
+    return {b->data(), b->data(), &KeepingAllocator::release, c10::Device(c10::kCPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
@@ -90,8 +93,8 @@ class KeepingAllocator final : public c10::Allocator {
     return nullptr;
   }
   // The deleter of every buffer: keeps the latest (the next step's likely size).
-  static void release(void* ctx) {
-    Block* b = static_cast<Block*>(ctx);
+  static void release(void* data) {
+    Block* b = Block::of(data);
     unmap_block(keeping_enabled() ? instance().exchange_kept(b) : b);
   }
 

@@ -158,8 +158,15 @@ class _ExpectedGradient:
     value = 1.0
 
 
+def _is_batched(t):
+    # A legacy-vmap gradient (autograd.grad(is_grads_batched=True), jacobian(vectorize=True))
+    # has no single value.
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return check is not None and check(t)
+
+
 def _expected_from(grad_loss, grad_z_loss):
-    if grad_z_loss is not None or grad_loss is None or torch.is_grad_enabled():
+    if grad_z_loss is not None or grad_loss is None or torch.is_grad_enabled() or _is_batched(grad_loss):
         return None  # (create_graph=True needs a gradient autograd can differentiate)
     g = grad_loss.item()
     return g if g != 0.0 and math.isfinite(g) else None
