@@ -343,3 +343,18 @@ def test_double_backward_is_a_clear_error():
     g, = torch.autograd.grad(loss, x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+def test_a_tensor_that_escaped_a_torch_func_transform():
+    # It is still the transform's wrapper; torch (and autograd.Function.apply) unwrap it: the
+    # eager fast path leaves such calls to the registered path, which gives torch's result.
+    captured = []
+
+    def f(v):
+        captured.append(v)
+        return v.sum()
+    torch.func.grad(f)(torch.randn(4, 6))
+    escaped, t = captured[0], torch.tensor([0, 1, 5, 2])
+    ours, ref = fastce.cross_entropy(escaped, t), F.cross_entropy(escaped, t)
+    assert ours.requires_grad == ref.requires_grad
+    torch.testing.assert_close(ours, ref)

@@ -212,18 +212,24 @@ class _EagerCrossEntropy(torch.autograd.Function):
         return grads[0], grads[1], None, None
 
 
+# A tensor that escaped a torch.func transform is still its wrapper: autograd.Function.apply
+# unwraps it, so those calls take the registered path.
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
 def _plain_eager(input, target):
     return (type(input) is torch.Tensor and type(target) is torch.Tensor
             and not torch.compiler.is_compiling()
             and not is_in_torch_dispatch_mode()
             and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._are_functorch_transforms_active())
+            and not torch._C._are_functorch_transforms_active()
+            and not _functorch_wrapped(input) and not _functorch_wrapped(target))
 
 
 def _bind_function_apply(function):
     # autograd.Function.apply without its Python wrapper, which binds default arguments,
-    # routes functorch transforms (excluded by _plain_eager) and unwraps tensors that
-    # escaped one (_plain_eager's callers pass plain tensors): ~2 us of a 64x10 step.
+    # routes functorch transforms and unwraps tensors that escaped one (both excluded by
+    # _plain_eager): ~2 us of a 64x10 step.
     base_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
     try:
         return base_apply.__get__(None, function)
