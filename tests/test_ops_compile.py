@@ -114,12 +114,14 @@ def test_compile_inplace_backward_falls_back(device):
     torch.testing.assert_close(gW, gW2)
 
 
-def test_compile_forward_op_with_compute_grad(device):
+@pytest.mark.parametrize("grad_scale", [1.0, 0.25])
+def test_compile_forward_op_with_compute_grad(device, grad_scale):
     # The op's gradient output traces (fake kernel, dynamic shapes) and equals the backward op's.
     torch._dynamo.reset()
 
     def fwd(x, t):
-        loss, _, lse, tw, grad = ops.cross_entropy_forward(x, t, None, 1, -100, 0.1, 1.0, None, 0.0, False, True)
+        loss, _, lse, tw, grad = ops.cross_entropy_forward(x, t, None, 1, -100, 0.1, 1.0, None, 0.0, False, True,
+                                                           grad_scale)
         return loss, lse, tw, grad
 
     compiled = torch.compile(fwd, fullgraph=True, dynamic=True)
@@ -127,8 +129,8 @@ def test_compile_forward_op_with_compute_grad(device):
         x = torch.randn(n, 30, device=device)
         t = torch.randint(0, 30, (n,), device=device)
         loss, lse, tw, grad = compiled(x, t)
-        one = torch.ones((), device=device)
-        expected = ops.cross_entropy_backward(one, torch.zeros_like(one), x, t, None, lse, tw, 1, -100, 0.1,
+        g = torch.full((), grad_scale, device=device)
+        expected = ops.cross_entropy_backward(g, torch.zeros_like(g), x, t, None, lse, tw, 1, -100, 0.1,
                                               1.0, None, 0.0, False)[0]
         assert grad.shape == x.shape
         torch.testing.assert_close(grad, expected, rtol=0, atol=0)
@@ -139,3 +141,9 @@ def test_compute_grad_must_be_a_bool():
     x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises((TypeError, RuntimeError)):
         ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False, "yes")
+
+
+def test_grad_scale_must_be_a_number():
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises((TypeError, RuntimeError)):
+        ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False, True, "half")

@@ -158,11 +158,9 @@ class _ExpectedGradient:
     value = 1.0
 
 
-def _is_batched(t):
-    # A legacy-vmap gradient (autograd.grad(is_grads_batched=True), jacobian(vectorize=True))
-    # has no single value.
-    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return check is not None and check(t)
+# A legacy-vmap gradient (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)) has
+# no single value.
+_is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def _expected_from(grad_loss, grad_z_loss):
