@@ -101,6 +101,26 @@ def test_special_values_like_torch(dtype, case, mode):
         check_against_float64(x, target, reduction=reduction, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_logits_across_blocks(dtype):
+    # Rows longer than the kernels' blocks (2048 or 4096 logits): a block of nothing but -inf
+    # adds no mass, but a NaN inside one (either sign) still makes the row NaN, as does a NaN
+    # in a later block; a row of -inf is NaN, like torch.
+    c = 3 * 4096 + 7
+    x = torch.randn(6, c, generator=torch.Generator().manual_seed(0))
+    x[0, :4096] = -float("inf")
+    x[1, :4096] = -float("inf")
+    x[1, 100] = -float("nan")
+    x[2, :4096] = -float("inf")
+    x[2, 4095] = float("nan")
+    x[3, 9000] = float("nan")
+    x[4, 5000] = -float("nan")
+    x[5] = -float("inf")
+    target = torch.tensor([5000, 5000, 5000, 1, 2, 3])
+    check_against_float64(x.to(dtype), target, reduction="none")
+    check_against_float64(x[[0]].to(dtype), target[[0]], reduction="mean")
+
+
 # float64 is left out below: torch in float64 is the reference itself.
 
 

@@ -122,6 +122,14 @@ FASTCE_INLINE vf load_first(const T16* p, int n) {
 FASTCE_INLINE vf loadw(const float* p) { return loadv(p); }
 FASTCE_INLINE double loadw(const double* p) { return *p; }
 
+// v rounded to bfloat16 (to nearest even, NaN kept quiet), in each lane's low 16 bits.
+FASTCE_INLINE vu bf16_bits(vf v) {
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const vu quiet_nan = (u >> 16) | 0x0040u;
+  return v != v ? quiet_nan : rounded;
+}
+
 FASTCE_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 FASTCE_INLINE void storev(double* p, double v) { *p = v; }
 FASTCE_INLINE void storev(bf16* p, vf v) {
@@ -134,10 +142,7 @@ FASTCE_INLINE void storev(bf16* p, vf v) {
     return;
   }
 #endif
-  const vu u = (vu)v;
-  const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const vu quiet_nan = (u >> 16) | 0x0040u;
-  const vh h = __builtin_convertvector(v != v ? quiet_nan : rounded, vh);
+  const vh h = __builtin_convertvector(bf16_bits(v), vh);
   std::memcpy(p, &h, sizeof h);
 }
 FASTCE_INLINE void storev(f16* p, vf v) {
@@ -159,6 +164,59 @@ FASTCE_INLINE void store_first(T16* p, vf v, int n) {
   storev(h, v);
   _mm256_mask_storeu_epi16(p, first_lanes(n), _mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
 }
+#endif
+
+#if FASTCE_VW == 16
+// ---- bfloat16 pairs: 32 values per 512-bit register ------------------------------
+// As 16 32-bit lanes, 32 bfloat16 values hold the even ones in the low halves (shifted up
+// 16 bits they are floats) and the odd ones in the high halves (with the low bits cleared):
+// one instruction per 16 floats, where a widening load takes two.
+struct Pair { vf even, odd; };
+FASTCE_INLINE Pair split(__m512i raw) {
+  return {(vf)_mm512_slli_epi32(raw, 16), (vf)_mm512_and_si512(raw, _mm512_set1_epi32(int(0xFFFF0000u)))};
+}
+FASTCE_INLINE __m512i load_pair(const bf16* p) { return _mm512_loadu_si512(p); }
+// The first n (< 32) values and -inf after them; nothing past p + n is read.
+FASTCE_INLINE __m512i load_pair_first(const bf16* p, int n) {
+  return _mm512_mask_loadu_epi16(_mm512_set1_epi16(int16_t(0xFF80)), __mmask32((1u << n) - 1u), p);
+}
+
+// The largest of bfloat16 values from their bits, kept as a running signed maximum and
+// unsigned minimum of the 16-bit patterns: with a value >= +0 present, the largest is the
+// signed maximum; otherwise (all negative) the one of least magnitude, the unsigned minimum.
+// -inf (the padding) is neutral to both. A positive NaN wins (the block's sum is NaN
+// anyway); a negative NaN never does (its exponential makes the sum NaN).
+struct Bf16Max {
+  __m512i smax, umin;
+  FASTCE_INLINE Bf16Max() : smax(_mm512_set1_epi16(int16_t(0x8000))), umin(_mm512_set1_epi16(-1)) {}
+  FASTCE_INLINE void add(__m512i raw) {
+    smax = _mm512_max_epi16(smax, raw);
+    umin = _mm512_min_epu16(umin, raw);
+  }
+  FASTCE_INLINE float value() const {
+    const __m512i s = _mm512_max_epi32(_mm512_srai_epi32(_mm512_slli_epi32(smax, 16), 16), _mm512_srai_epi32(smax, 16));
+    const __m512i u = _mm512_min_epu32(_mm512_and_si512(umin, _mm512_set1_epi32(0xFFFF)), _mm512_srli_epi32(umin, 16));
+    const int32_t signed_max = _mm512_reduce_max_epi32(s);
+    const uint32_t bits = signed_max >= 0 ? uint32_t(signed_max) : _mm512_reduce_min_epu32(u);
+    return bits_to_float(bits << 16);
+  }
+};
+
+#if FASTCE_BF16_CVT
+// Stores 32 bfloat16 values from their even and odd floats.
+FASTCE_INLINE void store_pair(bf16* p, vf even, vf odd) {
+  if (__builtin_expect((_mm512_fpclass_ps_mask((__m512)even, 0x20) | _mm512_fpclass_ps_mask((__m512)odd, 0x20)) == 0, 1)) {
+    // evens in words 0-15, odds in words 16-31, then interleaved (see storev for subnormals)
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh((__m512)odd, (__m512)even);
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, packed));
+    return;
+  }
+  const vu words = bf16_bits(even) | (bf16_bits(odd) << 16);
+  std::memcpy(p, &words, sizeof words);
+}
+#endif
 #endif
 
 // ---- math -----------------------------------------------------------------------
@@ -340,6 +398,39 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
   S tail_wz = 0, tail_wyz = 0, tail_wy = 0;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock<T>) {
     const int64_t n = std::min<int64_t>(kBlock<T>, end - b0);
+#if FASTCE_VW == 16
+    if constexpr (std::is_same_v<T, bf16> && M == ZMap::Identity && !HasY && !SumZ) {
+      // Plain bfloat16 logits (the language-model case): the max from their bits, then the
+      // exponentials straight from the block (in L1), 32 per step; no float copy.
+      const bf16* xb = x + b0;
+      const int64_t full = n - n % 32;
+      Bf16Max bits_max;
+      for (int64_t i = 0; i < full; i += 32) bits_max.add(load_pair(xb + i));
+      if (full < n) bits_max.add(load_pair_first(xb + full, int(n - full)));
+      const float m = bits_max.value();
+      if (m == -std::numeric_limits<float>::infinity()) {  // as below
+        for (int64_t i = 0; i < n; ++i) st.has_nan |= load1(xb + i) != load1(xb + i);
+        continue;
+      }
+      const char* next = reinterpret_cast<const char*>(xb + n);
+      vf even_sum = splat(0.0f), odd_sum = splat(0.0f);
+      auto add_exps = [&](__m512i raw) {
+        const Pair v = split(raw);
+        even_sum += vexp<kPreciseExp<T>>(v.even - m);
+        odd_sum += vexp<kPreciseExp<T>>(v.odd - m);
+      };
+      for (int64_t i = 0; i < full; i += 32) {
+        __builtin_prefetch(next + i * sizeof(T));  // the next block, a line a step
+        add_exps(load_pair(xb + i));
+      }
+      if (full < n) add_exps(load_pair_first(xb + full, int(n - full)));
+      PieceStats block;
+      block.max = m;
+      block.sumexp = hsum(even_sum + odd_sum);
+      merge_stats(st, block);
+      continue;
+    }
+#endif
     const int64_t nv = n - n % W;
     R vm = splat(-std::numeric_limits<S>::infinity());
     for (int64_t i = 0; i < nv; i += W) {
@@ -449,14 +540,20 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   };
   const R zero = splat(S(0));
   R gyv = zero;
-  const int64_t n = end - begin;
-  const int64_t nv = n - n % W;
-  for (int64_t c = begin; c < begin + nv; c += W) {
+  int64_t c = begin;
+#if FASTCE_VW == 16 && FASTCE_BF16_CVT
+  if constexpr (std::is_same_v<T, bf16> && M == ZMap::Identity && !HasW && !HasY && !GradY) {
+    for (; c + 32 <= end; c += 32) {  // 32 per step (see split, store_pair)
+      const Pair v = split(load_pair(x + c));
+      store_pair(gx + c, grad_of(v.even, zero, zero, gyv), grad_of(v.odd, zero, zero, gyv));
+    }
+  }
+#endif
+  for (; c + W <= end; c += W) {
     storev(gx + c, grad_of(loadv(x + c), HasY ? loadv(y + c) : zero, HasW ? loadw(w + c) : zero, gyv));
     if constexpr (GradY) storev(gy + c, gyv);
   }
-  if (const int64_t tail = n - nv; tail > 0) {
-    const int64_t c = begin + nv;
+  if (const int64_t tail = end - c; tail > 0) {
 #if FASTCE_VW == 16
     if constexpr (W == 16) {  // masked loads and stores: short rows (C = 10) are all tail
       const int t = int(tail);
