@@ -1,5 +1,5 @@
 // The row kernels compiled for AVX-512 with AVX512-BF16: as avx512, but bfloat16
-// gradients are rounded by vcvtneps2bf16 (one instruction instead of eight).
+// gradients are rounded by vcvtneps2bf16 / vcvtne2ps2bf16 (one instruction instead of eight).
 #define FASTCE_ISA avx512bf16
 #define FASTCE_TARGET "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c"
 #define FASTCE_VW 16

@@ -202,9 +202,9 @@ struct Bf16Max {
   }
 };
 
-#if FASTCE_BF16_CVT
 // Stores 32 bfloat16 values from their even and odd floats.
 FASTCE_INLINE void store_pair(bf16* p, vf even, vf odd) {
+#if FASTCE_BF16_CVT
   if (__builtin_expect((_mm512_fpclass_ps_mask((__m512)even, 0x20) | _mm512_fpclass_ps_mask((__m512)odd, 0x20)) == 0, 1)) {
     // evens in words 0-15, odds in words 16-31, then interleaved (see storev for subnormals)
     const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh((__m512)odd, (__m512)even);
@@ -213,10 +213,10 @@ FASTCE_INLINE void store_pair(bf16* p, vf even, vf odd) {
     _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, packed));
     return;
   }
+#endif
   const vu words = bf16_bits(even) | (bf16_bits(odd) << 16);
   std::memcpy(p, &words, sizeof words);
 }
-#endif
 #endif
 
 // ---- math -----------------------------------------------------------------------
@@ -541,7 +541,7 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   const R zero = splat(S(0));
   R gyv = zero;
   int64_t c = begin;
-#if FASTCE_VW == 16 && FASTCE_BF16_CVT
+#if FASTCE_VW == 16
   if constexpr (std::is_same_v<T, bf16> && M == ZMap::Identity && !HasW && !HasY && !GradY) {
     for (; c + 32 <= end; c += 32) {  // 32 per step (see split, store_pair)
       const Pair v = split(load_pair(x + c));
