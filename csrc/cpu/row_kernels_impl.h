@@ -432,11 +432,13 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
     }
 #endif
     const int64_t nv = n - n % W;
+    // Plain float rows: z is x, read again from L1 rather than copied (the tail still is).
+    constexpr bool kDirect = std::is_same_v<T, float> && M == ZMap::Identity && !HasY && !SumZ && W == 16;
     R vm = splat(-std::numeric_limits<S>::infinity());
     for (int64_t i = 0; i < nv; i += W) {
       const int64_t c = b0 + i;
       const R z = tf.template z<M>(loadv(x + c));
-      storev(zbuf + i, z);
+      if constexpr (!kDirect) storev(zbuf + i, z);
       vm = vmax(vm, z);
       if constexpr (SumZ) acc_wz += HasW ? z * loadw(w + c) : z;
       if constexpr (HasY) {
@@ -478,7 +480,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       }
     }
     if (m == -std::numeric_limits<S>::infinity()) {  // nothing but -inf and NaN: adds no mass
-      for (int64_t i = 0; i < n; ++i) st.has_nan |= zbuf[i] != zbuf[i];
+      for (int64_t i = 0; i < n; ++i) st.has_nan |= kDirect && i < nv ? load1(x + b0 + i) != load1(x + b0 + i) : zbuf[i] != zbuf[i];
       continue;
     }
     // Pad the tail with -inf (exp gives 0) so the exponentials are all vector work.
@@ -491,7 +493,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
     for (int64_t i = 0; i < padded; i += W) {
       __builtin_prefetch(next + i / W * 64);
       R z;
-      std::memcpy(&z, zbuf + i, sizeof z);
+      if (kDirect && i < nv) z = loadv(x + b0 + i); else std::memcpy(&z, zbuf + i, sizeof z);
       vs += vexp<kPreciseExp<T>>(z - m);
     }
     const S s = hsum(vs);
