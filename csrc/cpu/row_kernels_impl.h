@@ -399,14 +399,25 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
   for (int64_t b0 = begin; b0 < end; b0 += kBlock<T>) {
     const int64_t n = std::min<int64_t>(kBlock<T>, end - b0);
 #if FASTCE_VW == 16
-    if constexpr (std::is_same_v<T, bf16> && M == ZMap::Identity && !HasY && !SumZ) {
-      // Plain bfloat16 logits (the language-model case): the max from their bits, then the
-      // exponentials straight from the block (in L1), 32 per step; no float copy.
+    if constexpr (std::is_same_v<T, bf16> && M == ZMap::Identity && !HasY && !(SumZ && HasW)) {
+      // Plain bfloat16 logits (the language-model case, label smoothing too): the max from
+      // their bits, then the exponentials straight from the block (in L1), 32 per step; no
+      // float copy.
       const bf16* xb = x + b0;
       const int64_t full = n - n % 32;
       Bf16Max bits_max;
-      for (int64_t i = 0; i < full; i += 32) bits_max.add(load_pair(xb + i));
-      if (full < n) bits_max.add(load_pair_first(xb + full, int(n - full)));
+      for (int64_t i = 0; i < full; i += 32) {
+        const __m512i raw = load_pair(xb + i);
+        bits_max.add(raw);
+        if constexpr (SumZ) acc_wz += split(raw).even + split(raw).odd;
+      }
+      if (const int rest = int(n - full); rest > 0) {
+        bits_max.add(load_pair_first(xb + full, rest));
+        if constexpr (SumZ) {  // zeros, not -inf, after the row's last values
+          const Pair v = split(_mm512_maskz_loadu_epi16(__mmask32((1u << rest) - 1u), xb + full));
+          acc_wz += v.even + v.odd;
+        }
+      }
       const float m = bits_max.value();
       if (m == -std::numeric_limits<float>::infinity()) {  // as below
         for (int64_t i = 0; i < n; ++i) st.has_nan |= load1(xb + i) != load1(xb + i);
