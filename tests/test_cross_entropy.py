@@ -197,18 +197,20 @@ def test_module_is_a_drop_in(device):
     assert legacy.reduction == "sum"
 
 
-def test_determinism_across_thread_counts():
+@pytest.mark.parametrize("dtype, options", [(torch.float32, "weight_smooth"), (torch.float32, "plain"),
+                                            (torch.bfloat16, "plain")])
+def test_determinism_across_thread_counts(dtype, options):
     # Many rows and rows longer than one piece (32768), so both parallel paths are used.
-    x = torch.randn(64, 70001).requires_grad_()
+    x = torch.randn(64, 70001).to(dtype).requires_grad_()
     t = torch.randint(0, 70001, (64,))
-    w = torch.rand(70001)
+    kw = dict(weight=torch.rand(70001).to(dtype), label_smoothing=0.1) if options == "weight_smooth" else {}
     results = []
     old = torch.get_num_threads()
     try:
         for threads in [1, 2, 3]:
             torch.set_num_threads(threads)
             for reduction in ["mean", "none"]:
-                loss = fastce.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction)
+                loss = fastce.cross_entropy(x, t, reduction=reduction, **kw)
                 g, = torch.autograd.grad(loss.sum(), x)
                 results.append((threads, reduction, loss.detach(), g))
     finally:
