@@ -118,7 +118,17 @@ def test_non_finite_logits_across_blocks(dtype):
     x[5] = -float("inf")
     target = torch.tensor([5000, 5000, 5000, 1, 2, 3])
     check_against_float64(x.to(dtype), target, reduction="none")
+    check_against_float64(x.to(dtype), target, reduction="none", label_smoothing=0.1)
     check_against_float64(x[[0]].to(dtype), target[[0]], reduction="mean")
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: lse = max + log(sum) in one float64 loses log(sum) "
+                   "when the max is a tie of huge magnitude (README, 'Known bug')")
+@pytest.mark.parametrize("mask", [-1e30, torch.finfo(torch.float32).min])
+def test_rows_masked_entirely_with_a_huge_constant(mask):
+    x = torch.randn(3, 8)
+    x[1] = mask  # every class masked: torch gives log(8) and a uniform 1/8
+    check_against_float64(x, torch.tensor([0, 1, 2]), reduction="none")
 
 
 # float64 is left out below: torch in float64 is the reference itself.

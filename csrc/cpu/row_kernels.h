@@ -26,7 +26,7 @@ struct RowConfig {
 // Statistics of one contiguous piece of a row; pieces merge left to right,
 // so the result does not depend on how many threads computed them.
 struct PieceStats {
-  double max = -__builtin_inf();  // max of z over the piece (NaN ignored)
+  double max = -__builtin_inf();  // max of z over the piece (a NaN may or may not be taken: sumexp is NaN then)
   double sumexp = 0.0;            // sum of exp(z - max)
   double sum_wz = 0.0;            // sum of w_c * z_c (w_c = 1 without weights), if need_sum_z
   double sum_wyz = 0.0;           // probability targets: sum of w_c * y2_c * z_c (y2: smoothed y)

@@ -184,8 +184,8 @@ FASTCE_INLINE __m512i load_pair_first(const bf16* p, int n) {
 // The largest of bfloat16 values from their bits, kept as a running signed maximum and
 // unsigned minimum of the 16-bit patterns: with a value >= +0 present, the largest is the
 // signed maximum; otherwise (all negative) the one of least magnitude, the unsigned minimum.
-// -inf (the padding) is neutral to both. A positive NaN wins (the block's sum is NaN
-// anyway); a negative NaN never does (its exponential makes the sum NaN).
+// -inf (the padding) is neutral to both. A positive NaN wins, a negative one never beats a
+// non-NaN value; either way the block's sum of exponentials is NaN.
 struct Bf16Max {
   __m512i smax, umin;
   FASTCE_INLINE Bf16Max() : smax(_mm512_set1_epi16(int16_t(0x8000))), umin(_mm512_set1_epi16(-1)) {}
