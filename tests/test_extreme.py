@@ -122,13 +122,50 @@ def test_non_finite_logits_across_blocks(dtype):
     check_against_float64(x[[0]].to(dtype), target[[0]], reduction="mean")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: lse = max + log(sum) in one float64 loses log(sum) "
-                   "when the max is a tie of huge magnitude (README, 'Known bug')")
-@pytest.mark.parametrize("mask", [-1e30, torch.finfo(torch.float32).min])
-def test_rows_masked_entirely_with_a_huge_constant(mask):
-    x = torch.randn(3, 8)
-    x[1] = mask  # every class masked: torch gives log(8) and a uniform 1/8
-    check_against_float64(x, torch.tensor([0, 1, 2]), reduction="none")
+HUGE = {torch.float64: -1e300, torch.float32: torch.finfo(torch.float32).min, torch.bfloat16: -1e30,
+        torch.float16: torch.finfo(torch.float16).min}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [8, 70001])  # 70001: rows of three pieces
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": True}], ids=str)
+def test_rows_whose_max_is_a_huge_tie(dtype, c, options):
+    # A row masked entirely with a huge constant (finfo.min, -1e30) or whose largest logits tie
+    # at a huge value: float64 cannot hold max + log(sum) there, so fastce keeps them apart
+    # (the backward recomputes them); torch gives log(k) and 1/k.
+    x = torch.randn(5, c, generator=torch.Generator().manual_seed(c)).to(dtype)
+    x[1] = HUGE[dtype]
+    x[2, :3] = -HUGE[dtype] / 4  # three huge positive ties
+    if "label_smoothing" not in options:  # (smoothing would sum the masked ones: inf in float)
+        x[3, 5:] = HUGE[dtype]  # a few ordinary logits above the masked ones
+    x[4] = 1e12  # ties at a value where float64 still holds about 4 digits of log(sum)
+    kw = dict(options)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(c, generator=torch.Generator().manual_seed(1)).to(dtype) + 0.5
+    target = torch.tensor([0, 1, 2, 3, 4])
+    for reduction in ("none", "mean"):
+        check_against_float64(x, target, reduction=reduction, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_tie_rows_backward_paths_agree(dtype):
+    # The gradient computed in the forward pass, the backward op and the in-place backward
+    # give the same bits for rows whose lse is kept as max and log-sum.
+    x = torch.randn(4, 300).to(dtype)
+    x[1] = HUGE[dtype]
+    x[3, :7] = -HUGE[dtype] / 4
+    t = torch.tensor([3, 4, 5, 6])
+    h = x.clone().requires_grad_()
+    g_fused, = torch.autograd.grad(fastce.cross_entropy(h, t), h)
+    lse_kept = torch.ops.fastce.cross_entropy_forward(x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False)
+    g_op = torch.ops.fastce.cross_entropy_backward(torch.ones(()), torch.zeros(()), x, t, None, lse_kept[2],
+                                                   lse_kept[3], 1, -100, 0.0, 1.0, None, 0.0, False)[0]
+    inplace = (x.clone().requires_grad_() * 1)
+    g_inplace, = torch.autograd.grad(fastce.cross_entropy(inplace, t, inplace_backward=True), inplace)
+    assert torch.equal(g_fused, g_op) and torch.equal(g_fused, g_inplace)
+    ref = torch.softmax(x.double(), 1)
+    ref[torch.arange(4), t] -= 1
+    torch.testing.assert_close(g_fused.double(), ref / 4, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
 
 
 # float64 is left out below: torch in float64 is the reference itself.

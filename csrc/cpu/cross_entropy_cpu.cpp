@@ -131,9 +131,29 @@ double ordered_sum(const std::vector<double>& v) {
   return s;
 }
 
-// log-sum-exp of a row from its merged statistics (NaN when a logit is NaN or all are -inf).
-double row_lse(const cpu::PieceStats& st) {
-  return (st.has_nan || st.max == -INFINITY) ? NAN : st.max + std::log(st.sumexp);
+// A row's log-sum-exp, shift + rel. The op's lse output is shift + rel in one float64; where
+// its magnitude is 2^28 or more (a row masked with finfo.min, ties at 1e30), float64's spacing
+// there exceeds float precision and the log of the sum would be lost in it: such a row keeps
+// shift = max, rel = log(sum) apart (the backward recomputes them from the logits), else
+// shift = 0 and rel = the lse.
+struct RowLse {
+  double shift = 0.0, rel = 0.0;
+  double full() const { return shift + rel; }
+};
+constexpr double kHugeLse = 268435456.0;  // 2^28
+bool huge_lse(double lse) { return std::isfinite(lse) && std::abs(lse) >= kHugeLse; }
+
+// The log-sum-exp of a row from its merged statistics (NaN when a logit is NaN or all are -inf).
+RowLse row_lse(const cpu::PieceStats& st) {
+  const double lse = (st.has_nan || st.max == -INFINITY) ? NAN : st.max + std::log(st.sumexp);
+  return huge_lse(lse) ? RowLse{st.max, std::log(st.sumexp)} : RowLse{0.0, lse};
+}
+
+// The statistics of a row from those of its np pieces, merged left to right.
+cpu::PieceStats merge_pieces(const cpu::PieceStats* pieces, int64_t np) {
+  cpu::PieceStats merged = pieces[0];
+  for (int64_t j = 1; j < np; ++j) cpu::merge_stats(merged, pieces[j]);
+  return merged;
 }
 
 // What the incoming gradients are divided by: the mean's divisor as the op's total_weight
@@ -143,14 +163,26 @@ double grad_divisor(int64_t reduction, const at::Tensor& total_weight) {
   return reduction == kMean ? read_doubles(total_weight, 1, "total_weight")[0] : 1.0;
 }
 
+// sum_c w_c (shift - z_c) over row r in float64, logit by logit: for rows with a huge lse only,
+// where the kernels' float sum of z would cancel against shift * sum_c w_c.
+double row_weighted_gap(const Rows& rows, int64_t r, double shift) {
+  double gap = 0.0;
+  for (int64_t c = 0; c < rows.p.classes; ++c)
+    gap += rows.class_weight(c) * (shift - rows.k.transform_one(rows.cfg, rows.x_row(r), c));
+  return gap;
+}
+
 // Coefficients of the gradient of row r (not ignored) for the incoming gradients g of its
 // loss and g_z of its z-loss, both already divided by the mean's divisor.
 // sum_wy: probability targets' sum of w_c * y_c over the row.
-cpu::GradCoef row_grad_coef(const Rows& rows, int64_t r, double g, double g_z, double lse, double sum_wy) {
+cpu::GradCoef row_grad_coef(const Rows& rows, int64_t r, double g, double g_z, const RowLse& row_lse,
+                            double sum_wy) {
   const double eps = rows.opt.label_smoothing, C = double(rows.p.classes), s = rows.opt.lse_square_scale;
   const double smooth = eps > 0 ? eps / C * rows.weight_sum : 0.0;
+  const double lse = row_lse.full();
   cpu::GradCoef k{};
-  k.lse = lse;
+  k.lse_shift = row_lse.shift;
+  k.lse = row_lse.rel;
   k.coef_w = eps > 0 ? g * eps / C : 0.0;
   if (rows.p.prob) {
     k.coef_p = g * ((1.0 - eps) * sum_wy + smooth) + 2.0 * s * lse * (g + g_z);
@@ -219,12 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   std::vector<double> loss(p.rows, 0.0), zloss(p.rows, 0.0), lse(p.rows, 0.0);  // 0: ignored rows
   auto finish_row = [&](int64_t r) {
     cpu::PieceStats merged;
-    if (np > 1) {
-      merged = stats[r * np];
-      for (int64_t j = 1; j < np; ++j) cpu::merge_stats(merged, stats[r * np + j]);
-    }
+    if (np > 1) merged = merge_pieces(&stats[r * np], np);
     const cpu::PieceStats& st = np > 1 ? merged : stats[r * np];  // no copy: see piece_stats_t
-    const double l = row_lse(st);
+    const RowLse row = row_lse(st);
+    const double l = row.full();
     double ce;
     if (p.prob) {
       // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
@@ -232,13 +262,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     } else {
       const double w_t = rows.row_weight[r];
       const double z_t = rows.k.transform_one(rows.cfg, rows.x_row(r), rows.target[r]);
-      ce = (1.0 - eps) * w_t * (l - z_t);
-      if (eps > 0) ce += eps / C * (l * rows.weight_sum - st.sum_wz);
+      ce = (1.0 - eps) * w_t * (row.shift != 0.0 ? (row.shift - z_t) + row.rel : l - z_t);
+      if (eps > 0) {  // sum_c w_c (lse - z_c)
+        const double ws = rows.weight_sum;
+        ce += eps / C * (row.shift != 0.0 ? row_weighted_gap(rows, r, row.shift) + row.rel * ws : l * ws - st.sum_wz);
+      }
     }
     zloss[r] = s > 0 ? s * rows.row_weight[r] * l * l : 0.0;
     loss[r] = ce + zloss[r];
     lse[r] = l;
-    return l;
+    return row;
   };
 
   // compute_grad: the gradient for grad_loss = grad_scale and grad_z_loss = 0. With enough rows to
@@ -312,6 +345,27 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   const std::vector<double> gl = read_doubles(grad_loss, n_grad, "grad_loss");
   const std::vector<double> gz = read_doubles(grad_zloss, n_grad, "grad_z_loss");
   const std::vector<double> lse_rows = read_doubles(lse_t, p.rows, "lse");
+  // A row whose lse is huge (see RowLse) gets its max and log-sum again from the logits,
+  // before any gradient is written (in place, over them).
+  std::vector<RowLse> row_lses(p.rows);
+  std::vector<int64_t> huge_rows;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    row_lses[r] = RowLse{0.0, lse_rows[r]};
+    if (!rows.ignored(r) && huge_lse(lse_rows[r])) huge_rows.push_back(r);
+  }
+  at::parallel_for(0, int64_t(huge_rows.size()), 1, [&](int64_t b, int64_t e) {
+    const int64_t np = rows.pieces();
+    std::vector<cpu::PieceStats> pieces(np);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = huge_rows[i];
+      for (int64_t j = 0; j < np; ++j) {
+        pieces[j] = cpu::PieceStats{};
+        const int64_t begin = j * cpu::kPiece, end = std::min(p.classes, begin + cpu::kPiece);
+        rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &pieces[j]);
+      }
+      row_lses[r] = row_lse(merge_pieces(pieces.data(), np));
+    }
+  });
 
   std::vector<double> sum_wy;
   if (p.prob) {
@@ -326,7 +380,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   rows.for_each_piece([&](int64_t, int64_t r, int64_t begin, int64_t end) {
     if (rows.ignored(r)) return out.write(rows, r, begin, end, nullptr);
     const int64_t i = per_row ? r : 0;
-    const cpu::GradCoef k = row_grad_coef(rows, r, gl[i] / div, gz[i] / div, lse_rows[r],
+    const cpu::GradCoef k = row_grad_coef(rows, r, gl[i] / div, gz[i] / div, row_lses[r],
                                           p.prob ? sum_wy[r] : 0.0);
     out.write(rows, r, begin, end, &k);
   });

@@ -38,6 +38,10 @@ struct PieceStats {
 // minus coef_target at the target class; the driver folds the incoming gradient,
 // the reduction, label smoothing and the z-loss into these coefficients.
 struct GradCoef {
+  // The row's log-sum-exp is lse_shift + lse. lse_shift is 0 unless the row's max is so large in
+  // magnitude that one float64 cannot hold max + log(sum) (a row masked with finfo.min): then it
+  // is the max and lse the log of the sum, so that z - lse_shift - lse stays exact.
+  double lse_shift;
   double lse;
   double coef_p;
   double coef_w;

@@ -532,9 +532,18 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   constexpr int W = Acc<T>::W;
   const S* w = static_cast<const S*>(cfg.weight);
   const Transform<S> tf(cfg);
-  // lse = lse_hi + lse_lo: z - lse stays exact for large logits (rows around 1e4) in float.
-  const S lse_hi = S(k.lse), lse_lo = S(k.lse - double(lse_hi));
+  // lse = lse_hi + lse_lo: z - lse stays exact for large logits (rows around 1e4) in float,
+  // and for a shifted row (see GradCoef) lse_hi is its max, lse_lo the log of its sum.
+  const bool shifted = k.lse_shift != 0.0;
+  const S lse_hi = shifted ? S(k.lse_shift) : S(k.lse);
+  const double lse_lo_exact = shifted ? k.lse : k.lse - double(lse_hi);
+  const S lse_lo = S(lse_lo_exact);
   const S cp = S(k.coef_p), cw = S(k.coef_w), cwy = S(k.coef_wy), cgy = S(k.coef_grad_y);
+  // 16-bit rows take lse_lo into the coefficient, not the exponential (one operation fewer per
+  // vector): p = exp(z - lse_hi) * exp(-lse_lo). A small lse_lo (the usual: lse's float
+  // rounding) takes a quadratic, within 2e-10 of exp and cheaper for short rows.
+  auto exp_neg = [](double lo) { return std::abs(lo) < 0x1p-10 ? 1.0 - lo * (1.0 - 0.5 * lo) : std::exp(-lo); };
+  const S cp_vec = kPreciseExp<T> ? cp : S(k.coef_p * exp_neg(lse_lo_exact));
 
   // gx may alias x (in-place backward): read the target's logit before it is overwritten.
   const bool has_target = k.target >= begin && k.target < end;
@@ -544,10 +553,9 @@ void piece_grad_t(const RowConfig& cfg, const T* x, const T* y, T* gx, T* gy, in
   auto grad_of = [&](R xv, R yv, R wv, R& gy_out) {
     R slope = splat(S(1));
     const R z = tf.template z_and_slope<M>(xv, slope);
-    // 16-bit rows: lse_lo (below lse's float rounding) is beyond their precision.
     const R p = kPreciseExp<T> ? vexp<true>((z - lse_hi) - lse_lo) : vexp<false>(z - lse_hi);
     const R sub = HasY ? cw + cwy * yv : splat(cw);
-    const R g = p * cp - (HasW ? wv * sub : sub);
+    const R g = p * cp_vec - (HasW ? wv * sub : sub);
     if constexpr (GradY) gy_out = cgy * (HasW ? wv : splat(S(1))) * ((lse_hi - z) + lse_lo);
     return M == ZMap::Identity ? g : g * slope;
   };
