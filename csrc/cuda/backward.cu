@@ -17,7 +17,7 @@ namespace {
 // Coefficients of one row (see GradCoef in csrc/cpu/row_kernels.h), computed in double.
 template <class A>
 struct Coefs {
-  A lse, cp, cw, cwy, ct, cp_minus_ct;
+  A cp, cw, cwy, ct, cp_minus_ct;
 };
 
 template <class A, bool Prob>
@@ -37,7 +37,7 @@ __device__ __forceinline__ Coefs<A> row_coefs(const BackwardArgs& a, int64_t r, 
   const double swy = Prob ? double(static_cast<const A*>(a.sum_wy)[r]) : w_r;
   const double cp = g * ((1.0 - eps) * swy + smooth) + 2.0 * sq * w_r * lse * (g + g_z);
   const double ct = Prob ? 0.0 : g * (1.0 - eps) * w_r;
-  return {A(lse), A(cp), A(eps > 0 ? g * eps / C : 0.0), A(g * (1.0 - eps)), A(ct), A(cp - ct)};
+  return {A(cp), A(eps > 0 ? g * eps / C : 0.0), A(g * (1.0 - eps)), A(ct), A(cp - ct)};
 }
 
 // Probability targets: sum over the row of w_c * y_c, one warp per row.
@@ -65,6 +65,46 @@ __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) 
     walk(yr, 0, v.classes, element_aligned(yr), lane, vecs, one);
     acc = warp_sum(acc);
     if (lane == 0) static_cast<A*>(a.sum_wy)[r] = acc;
+  }
+}
+
+// Each row's lse as (shift, rel), one warp per row, before any gradient is written (in place,
+// over the logits): (lse, 0), or for a row whose lse is huge its max and log-sum again from
+// the logits (see kHugeLse).
+template <class T, bool Cap>
+__global__ void __launch_bounds__(kThreads) lse_parts_kernel(const BackwardArgs a) {
+  using A = acc_t<T>;
+  constexpr int kVec = Traits<T>::kVec;
+  const Rows& v = a.v;
+  const int lane = threadIdx.x % kWarp;
+  const Transform<A, Cap> tf(v);
+  A* parts = static_cast<A*>(a.lse_parts);
+  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const A lse = static_cast<const A*>(a.lse)[r];
+    const bool ignored = v.y == nullptr && v.target[r] == v.ignore_index;
+    if (ignored || !huge_lse(double(lse))) {
+      if (lane == 0) parts[2 * r] = lse, parts[2 * r + 1] = A(0);
+      continue;
+    }
+    const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
+    Stats<A> st;
+    auto index = [](int) { return int64_t(0); };  // no weights: unused
+    auto vecs = [&](int64_t c, auto n) {
+      constexpr int N = decltype(n)::value;
+      A z[N * kVec];
+#pragma unroll
+      for (int j = 0; j < N; ++j) load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
+      accumulate<N * kVec, false>(st, z, static_cast<const A*>(nullptr), tf, static_cast<const A*>(nullptr),
+                                  false, index);
+    };
+    auto one = [&](int64_t c) {
+      A z[1] = {A(load1(xr + c))};
+      accumulate<1, false>(st, z, static_cast<const A*>(nullptr), tf, static_cast<const A*>(nullptr), false, index);
+    };
+    walk(xr, 0, v.classes, element_aligned(xr), lane, vecs, one);
+    warp_merge(st);
+    if (lane == 0) parts[2 * r] = st.m, parts[2 * r + 1] = log_acc(st.s);
   }
 }
 
@@ -107,6 +147,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
     if constexpr (!Prob) CUDA_KERNEL_ASSERT(t >= 0 && t < v.classes && "Target is out of bounds");
     const bool t_ok = !Prob && t >= 0 && t < v.classes;
     const Coefs<A> k = row_coefs<A, Prob>(a, r, t);
+    const A shift = static_cast<const A*>(a.lse_parts)[2 * r], rel = static_cast<const A*>(a.lse_parts)[2 * r + 1];
 
     // The target's logit, saved for target_kernel before any lane overwrites it.
     if (t_ok && t >= un.begin && t < un.end) {
@@ -119,9 +160,9 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
     auto grad = [&](A x, A y, A wc, A& p, A& gy) {
       A slope;
       const A z = tf.z_and_slope(x, slope);
-      p = exp_neg(z - k.lse);
+      p = exp_neg((z - shift) - rel);
       const A sub = Prob ? k.cw + k.cwy * y : k.cw;
-      if constexpr (GradY) gy = k.cwy * wc * (k.lse - z);
+      if constexpr (GradY) gy = k.cwy * wc * ((shift - z) + rel);
       return (p * k.cp - wc * sub) * slope;
     };
     auto vecs = [&](int64_t c, auto n) {
@@ -188,7 +229,8 @@ __global__ void __launch_bounds__(kThreads) target_kernel(const BackwardArgs a) 
     for (int64_t j = 0; j < v.chunks; ++j) others += part[j];
     A slope;
     const A z = tf.z_and_slope(static_cast<const A*>(a.x_target)[r], slope);
-    const A p = exp_neg(z - k.lse);
+    const A* parts = static_cast<const A*>(a.lse_parts) + 2 * r;
+    const A p = exp_neg((z - parts[0]) - parts[1]);
     const A wc = need_w ? w[t] : A(1);
     store1(static_cast<T*>(a.gx) + r * a.gx_stride + t, (p * k.cp_minus_ct - others * k.ct - wc * k.cw) * slope);
   }
@@ -211,6 +253,8 @@ void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
               sum_wy_kernel<T><<<grid_for(a.v.rows, kWarpsPerBlock), kThreads, 0, stream>>>(a);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
+            lse_parts_kernel<T, kCap><<<grid_for(a.v.rows, kWarpsPerBlock), kThreads, 0, stream>>>(a);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
             grad_kernel<T, kProb, kCap, kGradY><<<grid_for(units, kWarpsPerBlock), kThreads, 0, stream>>>(a);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             if constexpr (!kProb) {

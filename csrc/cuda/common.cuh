@@ -230,6 +230,44 @@ __device__ __forceinline__ bool element_aligned(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) % sizeof(T)) == 0;
 }
 
+// Folds K logits (transformed in place into z) and their targets into st: one max
+// over the batch, one rescale of the running sum, one exp per element.
+template <int K, bool Prob, bool Cap, class A, class Index>
+__device__ __forceinline__ void accumulate(Stats<A>& st, A* z, const A* y, const Transform<A, Cap>& tf,
+                                           const A* w, bool need_wz, Index index) {
+  A m = st.m;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    z[k] = tf.z(z[k]);
+    m = max_acc(m, z[k]);
+  }
+  const A base = m == -INFINITY ? A(0) : m;
+  A s = st.s * exp_neg(st.m - base);
+#pragma unroll
+  for (int k = 0; k < K; ++k) s += exp_neg(z[k] - base);
+  st.s = s;
+  st.m = m;
+  if (Prob || need_wz) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const A wk = w != nullptr ? w[index(k)] : A(1);
+      if (need_wz) st.wz += wk * z[k];
+      if constexpr (Prob) {
+        const A yw = y[k] * wk;
+        st.wyz += yw * z[k];
+        st.wy += yw;
+      }
+    }
+  }
+}
+
+// A row's lse is kept as shift + rel: normally shift = lse, rel = 0; where |lse| reaches
+// 2^28 (a row masked with finfo.min, ties at 1e30) float64 could not hold max + log(sum) to
+// float precision, so such a row has shift = its max and rel = the log of its sum (the
+// backward recomputes them from the logits), and z - lse = (z - shift) - rel stays exact.
+constexpr double kHugeLse = 268435456.0;  // 2^28
+__device__ __forceinline__ bool huge_lse(double lse) { return fabs(lse) >= kHugeLse && fabs(lse) < INFINITY; }
+
 // Grid-stride loop over work units (one per warp): unit = row * chunks + piece.
 struct Unit {
   int64_t row, begin, end;

@@ -157,7 +157,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   const at::Tensor lse_a = lse.to(p.acc_type).contiguous();
   const at::Tensor tw = total_weight.to(p.acc_type);
   const auto acc = input.options().dtype(p.acc_type);
-  at::Tensor sum_wy, others, x_target;
+  at::Tensor sum_wy, others, x_target, lse_parts = at::empty({p.rows, 2}, acc);
   if (p.prob) {
     sum_wy = at::empty({p.rows}, acc);
   } else {
@@ -175,6 +175,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   a.sum_wy = sum_wy.defined() ? sum_wy.data_ptr() : nullptr;
   a.others = others.defined() ? others.data_ptr() : nullptr;
   a.x_target = x_target.defined() ? x_target.data_ptr() : nullptr;
+  a.lse_parts = lse_parts.data_ptr();
   a.gx = gx2d.data_ptr();
   a.gx_stride = gx2d.stride(0);
   a.gy = gy2d ? gy2d->data_ptr() : nullptr;

@@ -8,37 +8,6 @@ namespace {
 constexpr int kPartial = 5;         // floats per piece: m, s, wz, wyz, wy
 constexpr int kReduceThreads = 1024;
 
-// Folds K logits (transformed in place into z) and their targets into st: one max
-// over the batch, one rescale of the running sum, one exp per element.
-template <int K, bool Prob, bool Cap, class A, class Index>
-__device__ __forceinline__ void accumulate(Stats<A>& st, A* z, const A* y, const Transform<A, Cap>& tf,
-                                           const A* w, bool need_wz, Index index) {
-  A m = st.m;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    z[k] = tf.z(z[k]);
-    m = max_acc(m, z[k]);
-  }
-  const A base = m == -INFINITY ? A(0) : m;
-  A s = st.s * exp_neg(st.m - base);
-#pragma unroll
-  for (int k = 0; k < K; ++k) s += exp_neg(z[k] - base);
-  st.s = s;
-  st.m = m;
-  if (Prob || need_wz) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const A wk = w != nullptr ? w[index(k)] : A(1);
-      if (need_wz) st.wz += wk * z[k];
-      if constexpr (Prob) {
-        const A yw = y[k] * wk;
-        st.wyz += yw * z[k];
-        st.wy += yw;
-      }
-    }
-  }
-}
-
 // Lane 0 of the row's warp: the loss of row r from its merged statistics, exactly as the
 // CPU backend combines them (in double).
 template <class T, bool Prob, bool Cap>
@@ -58,6 +27,8 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
   }
   const double eps = v.label_smoothing, C = double(v.classes);
   const double l = st.m == -INFINITY ? NAN : double(st.m) + log(double(st.s));
+  const bool huge = huge_lse(l);  // then lse - z = (max - z) + log(sum), see kHugeLse
+  const double log_sum = log(double(st.s));
   const double ws = eps > 0 && w != nullptr ? *v.weight_sum : C;  // sum of the class weights
   const double smooth = eps > 0 ? eps / C * ws : 0.0;
   double ce, w_r = 1.0;
@@ -72,8 +43,14 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
     const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
     w_r = in_range && w != nullptr ? double(w[t]) : 1.0;
     const double z_t = in_range ? double(tf.z(A(load1(xr + t)))) : NAN;
-    ce = (1.0 - eps) * w_r * (l - z_t);
-    if (eps > 0) ce += eps / C * (l * ws - double(st.wz));
+    ce = (1.0 - eps) * w_r * (huge ? (double(st.m) - z_t) + log_sum : l - z_t);
+    if (eps > 0) {  // sum_c w_c (lse - z_c)
+      double gap = 0.0;  // huge rows: sum_c w_c (max - z_c) logit by logit (the float sum would cancel)
+      if (huge)
+        for (int64_t c = 0; c < v.classes; ++c)
+          gap += (w != nullptr ? double(w[c]) : 1.0) * (double(st.m) - double(tf.z(A(load1(xr + c)))));
+      ce += eps / C * (huge ? gap + log_sum * ws : l * ws - double(st.wz));
+    }
   }
   const double zl = v.lse_square_scale > 0 ? v.lse_square_scale * w_r * l * l : 0.0;
   row_loss[r] = A(ce + zl);

@@ -64,6 +64,7 @@ struct BackwardArgs {
   void* others;               // (rows * chunks) acc scratch for class-index targets: sum of
                               // p_c over each piece's classes other than the target
   void* x_target;             // (rows,) acc scratch: the target's logit, saved before in-place writes
+  void* lse_parts;            // (rows, 2) acc scratch: each row's lse as shift + rel (see kHugeLse)
   void* gx;                   // (rows, classes) in dtype, unit class stride; may alias x
   int64_t gx_stride;
   void* gy;                   // gradient of probability targets, or nullptr

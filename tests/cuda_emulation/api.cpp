@@ -43,9 +43,9 @@ extern "C" int64_t emu_backward(int dtype, const void* x, int64_t xs, const void
   double ws = 0;
   BackwardArgs a{};
   a.v = make_rows(dtype, x, xs, y, ys, t, w, rows, classes, ignore, eps, scale, cap, sq, sm, &ws);
-  std::vector<double> s1(rows + 1), s2(rows * a.v.chunks + 1), s3(rows + 1);
+  std::vector<double> s1(rows + 1), s2(rows * a.v.chunks + 1), s3(rows + 1), s4(2 * rows + 1);
   a.reduction = reduction; a.grad_loss = gl; a.grad_zloss = gz; a.lse = lse; a.total_weight = tw;
-  a.sum_wy = s1.data(); a.others = s2.data(); a.x_target = s3.data();
+  a.sum_wy = s1.data(); a.others = s2.data(); a.x_target = s3.data(); a.lse_parts = s4.data();
   a.gx = gx; a.gx_stride = gxs; a.gy = gy; a.gy_stride = gys;
   launch_backward(a, nullptr);
   return emu_asserts.load() ? -1 : a.v.chunks;

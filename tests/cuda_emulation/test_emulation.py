@@ -170,3 +170,26 @@ def test_out_of_range_target_asserts(lib):
     outs = [torch.empty(4) for _ in range(4)] + [torch.empty(()) for _ in range(3)]
     assert lib.emu_forward(0, ptr(x), 50, None, 0, ptr(t), None, 4, 50, -100, 0.0, 1.0, 0.0, 0.0, 132, 1,
                            *map(ptr, outs)) == -1
+
+
+@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("C,sm,inplace", [(40, 132, False), (9000, 1, False), (9000, 1, True)])
+def test_rows_whose_max_is_a_huge_tie(lib, dtype, eps, C, sm, inplace):
+    # Rows masked entirely with a huge constant, or whose largest logits tie at a huge value:
+    # their max and log-sum are kept apart (recomputed before the gradient, also in place over
+    # split rows); torch gives log(k) and 1/k.
+    huge = {torch.float64: -1e300, torch.float32: -3e38, torch.bfloat16: -1e30, torch.float16: -65504.0}[dtype]
+    x = torch.randn(4, C, dtype=torch.float64).to(dtype)
+    x[1] = huge
+    x[2, :3] = -huge / 4
+    x[3] = 1e12 if dtype in (torch.float32, torch.float64) else huge
+    t = torch.tensor([0, 1, 2, 3])
+    gx = x.clone() if inplace else None
+    _, loss, _, _, _, gl, _, gx, _ = run(lib, x.clone(), t, eps=eps, red=0, sm=sm, gx=gx)
+    xr = x.double().requires_grad_()
+    ref = F.cross_entropy(xr, t, reduction="none", label_smoothing=eps)
+    (ref * gl.double()).sum().backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref.detach().to(dtype).double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(gx.double(), xr.grad.to(dtype).double(), rtol=tol, atol=tol * 0.1)
