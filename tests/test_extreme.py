@@ -128,7 +128,8 @@ HUGE = {torch.float64: -1e300, torch.float32: torch.finfo(torch.float32).min, to
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("c", [8, 70001])  # 70001: rows of three pieces
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": True}], ids=str)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": True}, {"prob": True},
+                                     {"prob": True, "label_smoothing": 0.1, "weight": True}], ids=str)
 def test_rows_whose_max_is_a_huge_tie(dtype, c, options):
     # A row masked entirely with a huge constant (finfo.min, -1e30) or whose largest logits tie
     # at a huge value: float64 cannot hold max + log(sum) there, so fastce keeps them apart
@@ -136,13 +137,15 @@ def test_rows_whose_max_is_a_huge_tie(dtype, c, options):
     x = torch.randn(5, c, generator=torch.Generator().manual_seed(c)).to(dtype)
     x[1] = HUGE[dtype]
     x[2, :3] = -HUGE[dtype] / 4  # three huge positive ties
-    if "label_smoothing" not in options:  # (smoothing would sum the masked ones: inf in float)
+    if "label_smoothing" not in options and "prob" not in options:  # (their sums of z: inf in float)
         x[3, 5:] = HUGE[dtype]  # a few ordinary logits above the masked ones
     x[4] = 1e12  # ties at a value where float64 still holds about 4 digits of log(sum)
     kw = dict(options)
     if kw.pop("weight", False):
         kw["weight"] = torch.rand(c, generator=torch.Generator().manual_seed(1)).to(dtype) + 0.5
     target = torch.tensor([0, 1, 2, 3, 4])
+    if kw.pop("prob", False):
+        target = torch.softmax(torch.randn(5, c, generator=torch.Generator().manual_seed(2)), 1).to(dtype)
     for reduction in ("none", "mean"):
         check_against_float64(x, target, reduction=reduction, **kw)
 

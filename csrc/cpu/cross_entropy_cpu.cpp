@@ -132,15 +132,16 @@ double ordered_sum(const std::vector<double>& v) {
 }
 
 // A row's log-sum-exp, shift + rel. The op's lse output is shift + rel in one float64; where
-// its magnitude is 2^28 or more (a row masked with finfo.min, ties at 1e30), float64's spacing
-// there exceeds float precision and the log of the sum would be lost in it: such a row keeps
-// shift = max, rel = log(sum) apart (the backward recomputes them from the logits), else
-// shift = 0 and rel = the lse.
+// its magnitude is 2^19 or more (a row masked with finfo.min, ties at 1e30), float64's spacing
+// there (2^-33) starts to show in float64 rows' results, and from about 2^28 even in float
+// rows' (the log of the sum is lost entirely at 1e17): such a row keeps shift = max,
+// rel = log(sum) apart (the backward recomputes them from the logits), else shift = 0 and
+// rel = the lse.
 struct RowLse {
   double shift = 0.0, rel = 0.0;
   double full() const { return shift + rel; }
 };
-constexpr double kHugeLse = 268435456.0;  // 2^28
+constexpr double kHugeLse = 524288.0;  // 2^19
 bool huge_lse(double lse) { return std::isfinite(lse) && std::abs(lse) >= kHugeLse; }
 
 // The log-sum-exp of a row from its merged statistics (NaN when a logit is NaN or all are -inf).
@@ -163,12 +164,17 @@ double grad_divisor(int64_t reduction, const at::Tensor& total_weight) {
   return reduction == kMean ? read_doubles(total_weight, 1, "total_weight")[0] : 1.0;
 }
 
-// sum_c w_c (shift - z_c) over row r in float64, logit by logit: for rows with a huge lse only,
-// where the kernels' float sum of z would cancel against shift * sum_c w_c.
+// sum_c m_c (shift - z_c) over row r in float64, logit by logit, with m_c = w_c (class-index
+// targets) or w_c y'_c (probability targets, y' smoothed): for rows with a huge lse only, where
+// the kernels' float sums of m_c z_c would cancel against shift * sum_c m_c.
 double row_weighted_gap(const Rows& rows, int64_t r, double shift) {
+  const double eps = rows.opt.label_smoothing, C = double(rows.p.classes);
   double gap = 0.0;
-  for (int64_t c = 0; c < rows.p.classes; ++c)
-    gap += rows.class_weight(c) * (shift - rows.k.transform_one(rows.cfg, rows.x_row(r), c));
+  for (int64_t c = 0; c < rows.p.classes; ++c) {
+    double m = rows.class_weight(c);
+    if (rows.p.prob) m = (1.0 - eps) * rows.k.sum_wy(rows.cfg, rows.y_row(r), c, c + 1) + eps / C * m;
+    gap += m * (shift - rows.k.transform_one(rows.cfg, rows.x_row(r), c));
+  }
   return gap;
 }
 
@@ -258,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     double ce;
     if (p.prob) {
       // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
-      ce = l * st.sum_wy - st.sum_wyz;  // the kernel folded the smoothing into y
+      ce = row.shift != 0.0 ? row_weighted_gap(rows, r, row.shift) + row.rel * st.sum_wy
+                            : l * st.sum_wy - st.sum_wyz;  // the kernel folded the smoothing into y
     } else {
       const double w_t = rows.row_weight[r];
       const double z_t = rows.k.transform_one(rows.cfg, rows.x_row(r), rows.target[r]);

@@ -31,7 +31,7 @@ __device__ __forceinline__ Coefs<A> row_coefs(const BackwardArgs& a, int64_t r, 
   const double eps = v.label_smoothing, C = double(v.classes), sq = v.lse_square_scale;
   const double ws = eps > 0 && w != nullptr ? *v.weight_sum : C;  // sum of the class weights
   const double smooth = eps > 0 ? eps / C * ws : 0.0;
-  const double lse = double(static_cast<const A*>(a.lse)[r]);
+  const double lse = static_cast<const double*>(a.lse)[r];
   const bool t_ok = !Prob && t >= 0 && t < v.classes;
   const double w_r = t_ok && w != nullptr ? double(w[t]) : 1.0;
   const double swy = Prob ? double(static_cast<const A*>(a.sum_wy)[r]) : w_r;
@@ -69,8 +69,9 @@ __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) 
 }
 
 // Each row's lse as (shift, rel), one warp per row, before any gradient is written (in place,
-// over the logits): (lse, 0), or for a row whose lse is huge its max and log-sum again from
-// the logits (see kHugeLse).
+// over the logits): the float64 lse split in two floats (z - shift - rel keeps what one float
+// would round away, |lse| * 2^-24), or for a row whose lse is huge its max and log-sum again
+// from the logits (see kHugeLse).
 template <class T, bool Cap>
 __global__ void __launch_bounds__(kThreads) lse_parts_kernel(const BackwardArgs a) {
   using A = acc_t<T>;
@@ -81,10 +82,11 @@ __global__ void __launch_bounds__(kThreads) lse_parts_kernel(const BackwardArgs 
   A* parts = static_cast<A*>(a.lse_parts);
   for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
        r += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const A lse = static_cast<const A*>(a.lse)[r];
+    const double lse = static_cast<const double*>(a.lse)[r];
     const bool ignored = v.y == nullptr && v.target[r] == v.ignore_index;
-    if (ignored || !huge_lse(double(lse))) {
-      if (lane == 0) parts[2 * r] = lse, parts[2 * r + 1] = A(0);
+    if (ignored || !huge_lse(lse)) {
+      const A hi = A(lse);
+      if (lane == 0) parts[2 * r] = hi, parts[2 * r + 1] = fabs(lse) < INFINITY ? A(lse - double(hi)) : A(0);
       continue;
     }
     const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;

@@ -261,11 +261,12 @@ __device__ __forceinline__ void accumulate(Stats<A>& st, A* z, const A* y, const
   }
 }
 
-// A row's lse is kept as shift + rel: normally shift = lse, rel = 0; where |lse| reaches
-// 2^28 (a row masked with finfo.min, ties at 1e30) float64 could not hold max + log(sum) to
-// float precision, so such a row has shift = its max and rel = the log of its sum (the
-// backward recomputes them from the logits), and z - lse = (z - shift) - rel stays exact.
-constexpr double kHugeLse = 268435456.0;  // 2^28
+// A row's lse is kept as shift + rel: normally the float64 lse split in two floats; where |lse|
+// reaches 2^19 (a row masked with finfo.min, ties at 1e30) float64's own spacing starts to show
+// (as on the CPU: csrc/cpu/cross_entropy_cpu.cpp, RowLse), so such a row has shift = its max
+// and rel = the log of its sum (the backward recomputes them from the logits), and
+// z - lse = (z - shift) - rel stays exact.
+constexpr double kHugeLse = 524288.0;  // 2^19
 __device__ __forceinline__ bool huge_lse(double lse) { return fabs(lse) >= kHugeLse && fabs(lse) < INFINITY; }
 
 // Grid-stride loop over work units (one per warp): unit = row * chunks + piece.

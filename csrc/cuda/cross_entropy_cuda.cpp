@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   const View view(p, opt, stream);
   const auto acc = input.options().dtype(p.acc_type);
 
-  at::Tensor lse = at::empty({p.rows}, acc), row_loss = at::empty({p.rows}, acc);
+  at::Tensor lse = at::empty({p.rows}, input.options().dtype(at::kDouble)), row_loss = at::empty({p.rows}, acc);
   at::Tensor row_zloss = at::empty({p.rows}, acc), row_weight = at::empty({p.rows}, acc);
   at::Tensor total_weight = at::empty({}, acc);
   at::Tensor partial;
@@ -132,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
                   nullptr);
     grad = grad_to_input_layout(gx2d, input);
   }
-  // The op's lse is float64 on every device (the CPU kernels need its precision); the CUDA
-  // kernels keep float32 and use a correction for the target's gradient (docs/CUDA.md).
-  return {loss, zloss, lse.to(at::kDouble).view(p.row_shape), total_weight, grad};
+  // The op's lse is float64 on every device: z - lse must not lose what a float lse rounds away
+  // (|lse| * 2^-24); the backward splits it in two floats (docs/CUDA.md).
+  return {loss, zloss, lse.view(p.row_shape), total_weight, grad};
 }
 
 // Writes the gradient of the logits (and of probability targets) into gx2d / gy2d.
@@ -154,7 +154,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   const View view(p, opt, stream);
   const at::Tensor gl = grad_loss.to(p.acc_type).contiguous();
   const at::Tensor gz = grad_zloss.to(p.acc_type).contiguous();
-  const at::Tensor lse_a = lse.to(p.acc_type).contiguous();
+  const at::Tensor lse_a = lse.to(at::kDouble).contiguous();
   const at::Tensor tw = total_weight.to(p.acc_type);
   const auto acc = input.options().dtype(p.acc_type);
   at::Tensor sum_wy, others, x_target, lse_parts = at::empty({p.rows, 2}, acc);

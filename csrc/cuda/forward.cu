@@ -15,14 +15,15 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
                            const Transform<acc_t<T>, Cap>& tf) {
   using A = acc_t<T>;
   const Rows& v = a.v;
-  A* lse = static_cast<A*>(a.lse);
+  double* lse = static_cast<double*>(a.lse);
   A* row_loss = static_cast<A*>(a.row_loss);
   A* row_zloss = static_cast<A*>(a.row_zloss);
   A* row_w = static_cast<A*>(a.row_weight);
   const A* w = static_cast<const A*>(v.weight);
   const int64_t t = Prob ? 0 : v.target[r];
   if (!Prob && t == v.ignore_index) {
-    lse[r] = row_loss[r] = row_zloss[r] = row_w[r] = A(0);
+    lse[r] = 0.0;
+    row_loss[r] = row_zloss[r] = row_w[r] = A(0);
     return;
   }
   const double eps = v.label_smoothing, C = double(v.classes);
@@ -36,6 +37,17 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
     const double wy = (1.0 - eps) * double(st.wy) + smooth;
     const double wyz = (1.0 - eps) * double(st.wyz) + (eps > 0 ? eps / C * double(st.wz) : 0.0);
     ce = l * wy - wyz;
+    if (huge) {  // sum_c w_c y'_c (max - z_c) logit by logit (the float sums would cancel)
+      const T* yr = static_cast<const T*>(v.y) + r * v.y_stride;
+      const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
+      double gap = 0.0;
+      for (int64_t c = 0; c < v.classes; ++c) {
+        const double wc = w != nullptr ? double(w[c]) : 1.0;
+        const double m = (1.0 - eps) * wc * double(A(load1(yr + c))) + eps / C * wc;
+        gap += m * (double(st.m) - double(tf.z(A(load1(xr + c)))));
+      }
+      ce = gap + log_sum * wy;
+    }
   } else {
     const bool in_range = t >= 0 && t < v.classes;
     CUDA_KERNEL_ASSERT(t >= 0 && t < v.classes && "Target is out of bounds");
@@ -55,7 +67,7 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
   const double zl = v.lse_square_scale > 0 ? v.lse_square_scale * w_r * l * l : 0.0;
   row_loss[r] = A(ce + zl);
   row_zloss[r] = A(zl);
-  lse[r] = A(l);
+  lse[r] = l;
   row_w[r] = A(w_r);
 }
 

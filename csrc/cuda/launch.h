@@ -39,7 +39,7 @@ int64_t plan_chunk(int64_t rows, int64_t classes, Dtype dtype, int sm_count);
 struct ForwardArgs {
   Rows v;
   int64_t reduction;    // 0 none, 1 mean, 2 sum
-  void* lse;            // (rows,) acc
+  void* lse;            // (rows,) double
   void* row_loss;       // (rows,) acc: per-row loss (the 'none' result before the dtype cast)
   void* row_zloss;      // (rows,) acc
   void* row_weight;     // (rows,) acc: weight of each row's loss (0 when ignored)
@@ -58,7 +58,7 @@ struct BackwardArgs {
   int64_t reduction;
   const void* grad_loss;      // acc, (rows,) when reduction is none, else (1,)
   const void* grad_zloss;     // acc, same shape
-  const void* lse;            // (rows,) acc
+  const void* lse;            // (rows,) double
   const void* total_weight;   // (1,) acc
   void* sum_wy;               // (rows,) acc scratch for probability targets
   void* others;               // (rows * chunks) acc scratch for class-index targets: sum of
