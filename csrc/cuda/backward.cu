@@ -75,7 +75,6 @@ __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) 
 template <class T, bool Cap>
 __global__ void __launch_bounds__(kThreads) lse_parts_kernel(const BackwardArgs a) {
   using A = acc_t<T>;
-  constexpr int kVec = Traits<T>::kVec;
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
   const Transform<A, Cap> tf(v);
@@ -90,21 +89,8 @@ __global__ void __launch_bounds__(kThreads) lse_parts_kernel(const BackwardArgs 
       continue;
     }
     const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
-    Stats<A> st;
-    auto index = [](int) { return int64_t(0); };  // no weights: unused
-    auto vecs = [&](int64_t c, auto n) {
-      constexpr int N = decltype(n)::value;
-      A z[N * kVec];
-#pragma unroll
-      for (int j = 0; j < N; ++j) load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
-      accumulate<N * kVec, false>(st, z, static_cast<const A*>(nullptr), tf, static_cast<const A*>(nullptr),
-                                  false, index);
-    };
-    auto one = [&](int64_t c) {
-      A z[1] = {A(load1(xr + c))};
-      accumulate<1, false>(st, z, static_cast<const A*>(nullptr), tf, static_cast<const A*>(nullptr), false, index);
-    };
-    walk(xr, 0, v.classes, element_aligned(xr), lane, vecs, one);
+    Stats<A> st = lane_stats<false>(xr, static_cast<const T*>(nullptr), tf, static_cast<const A*>(nullptr), false,
+                                    0, v.classes, lane);
     warp_merge(st);
     if (lane == 0) parts[2 * r] = st.m, parts[2 * r + 1] = log_acc(st.s);
   }

@@ -261,6 +261,33 @@ __device__ __forceinline__ void accumulate(Stats<A>& st, A* z, const A* y, const
   }
 }
 
+// This lane's statistics of x[b, e) of one row (y: its probability targets, or nullptr);
+// warp_merge combines the lanes'.
+template <bool Prob, class T, class A, bool Cap>
+__device__ __forceinline__ Stats<A> lane_stats(const T* xr, const T* yr, const Transform<A, Cap>& tf, const A* w,
+                                               bool need_wz, int64_t b, int64_t e, int lane) {
+  constexpr int kVec = Traits<T>::kVec;
+  Stats<A> st;
+  auto vecs = [&](int64_t c, auto n) {
+    constexpr int N = decltype(n)::value;
+    A z[N * kVec], y[Prob ? N * kVec : 1];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
+      if constexpr (Prob) load_vec(yr + c + j * kWarp * kVec, y + j * kVec);
+    }
+    accumulate<N * kVec, Prob>(st, z, y, tf, w, need_wz,
+                               [&](int k) { return c + (k / kVec) * kWarp * kVec + k % kVec; });
+  };
+  auto one = [&](int64_t c) {
+    A z[1] = {A(load1(xr + c))}, y[1] = {A(0)};
+    if constexpr (Prob) y[0] = A(load1(yr + c));
+    accumulate<1, Prob>(st, z, y, tf, w, need_wz, [&](int) { return c; });
+  };
+  walk(xr, b, e, element_aligned(xr) && same_alignment(xr, yr), lane, vecs, one);
+  return st;
+}
+
 // A row's lse is kept as shift + rel: normally the float64 lse split in two floats; where |lse|
 // reaches 2^19 (a row masked with finfo.min, ties at 1e30) float64's own spacing starts to show
 // (as on the CPU: csrc/cpu/cross_entropy_cpu.cpp, RowLse), so such a row has shift = its max

@@ -75,7 +75,6 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
 template <class T, bool Prob, bool Cap>
 __global__ void __launch_bounds__(kThreads) stats_kernel(const ForwardArgs a) {
   using A = acc_t<T>;
-  constexpr int kVec = Traits<T>::kVec;
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
   const Transform<A, Cap> tf(v);
@@ -88,26 +87,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const ForwardArgs a) {
     const T* xr = static_cast<const T*>(v.x) + un.row * v.x_stride;
     const T* yr = Prob ? static_cast<const T*>(v.y) + un.row * v.y_stride : nullptr;
     Stats<A> st;
-    if (Prob || v.target[un.row] != v.ignore_index) {  // ignored rows read no logits
-      const bool vec_ok = element_aligned(xr) && same_alignment(xr, yr);
-      auto vecs = [&](int64_t c, auto n) {
-        constexpr int N = decltype(n)::value;
-        A z[N * kVec], y[Prob ? N * kVec : 1];
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-          load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
-          if constexpr (Prob) load_vec(yr + c + j * kWarp * kVec, y + j * kVec);
-        }
-        accumulate<N * kVec, Prob>(st, z, y, tf, w, need_wz,
-                                   [&](int k) { return c + (k / kVec) * kWarp * kVec + k % kVec; });
-      };
-      auto one = [&](int64_t c) {
-        A z[1] = {A(load1(xr + c))}, y[1] = {A(0)};
-        if constexpr (Prob) y[0] = A(load1(yr + c));
-        accumulate<1, Prob>(st, z, y, tf, w, need_wz, [&](int) { return c; });
-      };
-      walk(xr, un.begin, un.end, vec_ok, lane, vecs, one);
-    }
+    if (Prob || v.target[un.row] != v.ignore_index)  // ignored rows read no logits
+      st = lane_stats<Prob>(xr, yr, tf, w, need_wz, un.begin, un.end, lane);
     warp_merge(st);
     if (lane == 0) {
       if (v.chunks == 1) {
