@@ -5,10 +5,10 @@
 // times dz/dx. The per-row coefficients fold in the incoming gradient, the reduction,
 // label smoothing and the z-loss.
 //
-// The target class: p_t - 1 from exp(z_t - lse) loses what the float lse rounded away
-// (|lse| * 2^-24, about 1e-6), which is most of 1 - p_t on confident rows. So the main
-// pass sums p_c over the other classes, and target_kernel writes the target's gradient
-// with 1 - p_t = sum_{c != t} p_c, accurate to float rounding whatever |lse| is.
+// The target class: p_t - 1 from exp(z_t - lse) keeps p_t's float rounding (about 1e-7),
+// which is most of 1 - p_t on very confident rows. So the main pass sums p_c over the other
+// classes, and target_kernel writes the target's gradient with 1 - p_t = sum_{c != t} p_c,
+// accurate to float rounding however confident the row is.
 #include "common.cuh"
 
 namespace fastce::cuda {
