@@ -140,6 +140,8 @@ double ordered_sum(const std::vector<double>& v) {
 struct RowLse {
   double shift = 0.0, rel = 0.0;
   double full() const { return shift + rel; }
+  // lse - z, exact for a shifted row too.
+  double minus(double z) const { return shift != 0.0 ? (shift - z) + rel : rel - z; }
 };
 constexpr double kHugeLse = 524288.0;  // 2^19
 bool huge_lse(double lse) { return std::isfinite(lse) && std::abs(lse) >= kHugeLse; }
@@ -148,6 +150,14 @@ bool huge_lse(double lse) { return std::isfinite(lse) && std::abs(lse) >= kHugeL
 RowLse row_lse(const cpu::PieceStats& st) {
   const double lse = (st.has_nan || st.max == -INFINITY) ? NAN : st.max + std::log(st.sumexp);
   return huge_lse(lse) ? RowLse{st.max, std::log(st.sumexp)} : RowLse{0.0, lse};
+}
+
+// The statistics of each of row r's pieces, into pieces[0 .. rows.pieces()).
+void row_piece_stats(const Rows& rows, int64_t r, cpu::PieceStats* pieces) {
+  for (int64_t j = 0; j < rows.pieces(); ++j) {
+    const int64_t begin = j * cpu::kPiece, end = std::min(rows.p.classes, begin + cpu::kPiece);
+    rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &pieces[j]);
+  }
 }
 
 // The statistics of a row from those of its np pieces, merged left to right.
@@ -261,19 +271,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     const cpu::PieceStats& st = np > 1 ? merged : stats[r * np];  // no copy: see piece_stats_t
     const RowLse row = row_lse(st);
     const double l = row.full();
+    // sum_c m_c (lse - z_c) from sum_m = sum_c m_c and sum_mz = sum_c m_c z_c (see row_weighted_gap)
+    auto weighted_lse_minus_z = [&](double sum_m, double sum_mz) {
+      return row.shift != 0.0 ? row_weighted_gap(rows, r, row.shift) + row.rel * sum_m : l * sum_m - sum_mz;
+    };
     double ce;
     if (p.prob) {
       // loss = sum_c w_c y'_c (lse - z_c) with y' = (1 - eps) y + eps / C
-      ce = row.shift != 0.0 ? row_weighted_gap(rows, r, row.shift) + row.rel * st.sum_wy
-                            : l * st.sum_wy - st.sum_wyz;  // the kernel folded the smoothing into y
+      ce = weighted_lse_minus_z(st.sum_wy, st.sum_wyz);  // the kernel folded the smoothing into y
     } else {
       const double w_t = rows.row_weight[r];
       const double z_t = rows.k.transform_one(rows.cfg, rows.x_row(r), rows.target[r]);
-      ce = (1.0 - eps) * w_t * (row.shift != 0.0 ? (row.shift - z_t) + row.rel : l - z_t);
-      if (eps > 0) {  // sum_c w_c (lse - z_c)
-        const double ws = rows.weight_sum;
-        ce += eps / C * (row.shift != 0.0 ? row_weighted_gap(rows, r, row.shift) + row.rel * ws : l * ws - st.sum_wz);
-      }
+      ce = (1.0 - eps) * w_t * row.minus(z_t);
+      if (eps > 0) ce += eps / C * weighted_lse_minus_z(rows.weight_sum, st.sum_wz);
     }
     zloss[r] = s > 0 ? s * rows.row_weight[r] * l * l : 0.0;
     loss[r] = ce + zloss[r];
@@ -301,10 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
           out.write(rows, r, 0, p.classes, nullptr);
           continue;
         }
-        for (int64_t j = 0; j < np; ++j) {
-          const int64_t begin = j * cpu::kPiece, end = std::min(p.classes, begin + cpu::kPiece);
-          rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &stats[r * np + j]);
-        }
+        row_piece_stats(rows, r, &stats[r * np]);
         const cpu::GradCoef k = row_grad_coef(rows, r, g, g_z, finish_row(r), row_sum_wy(rows, r));
         out.write(rows, r, 0, p.classes, &k);
       }
@@ -353,26 +360,21 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   const std::vector<double> gz = read_doubles(grad_zloss, n_grad, "grad_z_loss");
   const std::vector<double> lse_rows = read_doubles(lse_t, p.rows, "lse");
   // A row whose lse is huge (see RowLse) gets its max and log-sum again from the logits,
-  // before any gradient is written (in place, over them).
-  std::vector<RowLse> row_lses(p.rows);
+  // before any gradient is written (in place, over them); the others' lse is the saved one.
   std::vector<int64_t> huge_rows;
-  for (int64_t r = 0; r < p.rows; ++r) {
-    row_lses[r] = RowLse{0.0, lse_rows[r]};
+  for (int64_t r = 0; r < p.rows; ++r)
     if (!rows.ignored(r) && huge_lse(lse_rows[r])) huge_rows.push_back(r);
-  }
+  std::vector<RowLse> recomputed(huge_rows.empty() ? 0 : p.rows);  // by row, for huge rows only
   at::parallel_for(0, int64_t(huge_rows.size()), 1, [&](int64_t b, int64_t e) {
-    const int64_t np = rows.pieces();
-    std::vector<cpu::PieceStats> pieces(np);
+    std::vector<cpu::PieceStats> pieces(rows.pieces());
     for (int64_t i = b; i < e; ++i) {
-      const int64_t r = huge_rows[i];
-      for (int64_t j = 0; j < np; ++j) {
-        pieces[j] = cpu::PieceStats{};
-        const int64_t begin = j * cpu::kPiece, end = std::min(p.classes, begin + cpu::kPiece);
-        rows.k.piece_stats(rows.cfg, rows.x_row(r), rows.y_row(r), begin, end, &pieces[j]);
-      }
-      row_lses[r] = row_lse(merge_pieces(pieces.data(), np));
+      row_piece_stats(rows, huge_rows[i], pieces.data());
+      recomputed[huge_rows[i]] = row_lse(merge_pieces(pieces.data(), rows.pieces()));
     }
   });
+  auto lse_of = [&](int64_t r) {
+    return recomputed.empty() || !huge_lse(lse_rows[r]) ? RowLse{0.0, lse_rows[r]} : recomputed[r];
+  };
 
   std::vector<double> sum_wy;
   if (p.prob) {
@@ -387,7 +389,7 @@ void backward_into(const at::Tensor& grad_loss, const at::Tensor& grad_zloss, co
   rows.for_each_piece([&](int64_t, int64_t r, int64_t begin, int64_t end) {
     if (rows.ignored(r)) return out.write(rows, r, begin, end, nullptr);
     const int64_t i = per_row ? r : 0;
-    const cpu::GradCoef k = row_grad_coef(rows, r, gl[i] / div, gz[i] / div, row_lses[r],
+    const cpu::GradCoef k = row_grad_coef(rows, r, gl[i] / div, gz[i] / div, lse_of(r),
                                           p.prob ? sum_wy[r] : 0.0);
     out.write(rows, r, begin, end, &k);
   });

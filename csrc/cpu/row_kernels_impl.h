@@ -176,9 +176,10 @@ FASTCE_INLINE Pair split(__m512i raw) {
   return {(vf)_mm512_slli_epi32(raw, 16), (vf)_mm512_and_si512(raw, _mm512_set1_epi32(int(0xFFFF0000u)))};
 }
 FASTCE_INLINE __m512i load_pair(const bf16* p) { return _mm512_loadu_si512(p); }
-// The first n (< 32) values and -inf after them; nothing past p + n is read.
-FASTCE_INLINE __m512i load_pair_first(const bf16* p, int n) {
-  return _mm512_mask_loadu_epi16(_mm512_set1_epi16(int16_t(0xFF80)), __mmask32((1u << n) - 1u), p);
+// The first n (< 32) values and `fill` (bfloat16 bits; -inf unless given) after them;
+// nothing past p + n is read.
+FASTCE_INLINE __m512i load_pair_first(const bf16* p, int n, uint16_t fill = 0xFF80) {
+  return _mm512_mask_loadu_epi16(_mm512_set1_epi16(int16_t(fill)), __mmask32((1u << n) - 1u), p);
 }
 
 // The largest of bfloat16 values from their bits, kept as a running signed maximum and
@@ -409,12 +410,15 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
       for (int64_t i = 0; i < full; i += 32) {
         const __m512i raw = load_pair(xb + i);
         bits_max.add(raw);
-        if constexpr (SumZ) acc_wz += split(raw).even + split(raw).odd;
+        if constexpr (SumZ) {
+          const Pair v = split(raw);
+          acc_wz += v.even + v.odd;
+        }
       }
       if (const int rest = int(n - full); rest > 0) {
         bits_max.add(load_pair_first(xb + full, rest));
         if constexpr (SumZ) {  // zeros, not -inf, after the row's last values
-          const Pair v = split(_mm512_maskz_loadu_epi16(__mmask32((1u << rest) - 1u), xb + full));
+          const Pair v = split(load_pair_first(xb + full, rest, 0));
           acc_wz += v.even + v.odd;
         }
       }

@@ -8,6 +8,22 @@ namespace {
 constexpr int kPartial = 5;         // floats per piece: m, s, wz, wyz, wy
 constexpr int kReduceThreads = 1024;
 
+// sum_c m_c (max - z_c) over one row in double, logit by logit, with m_c = w_c (yr null) or
+// w_c y'_c (probability targets, y' smoothed): for rows with a huge lse only (see kHugeLse),
+// where the float sums of m_c z_c would cancel against max * sum_c m_c.
+template <class T, class A, bool Cap>
+__device__ double weighted_gap(const Rows& v, const T* xr, const T* yr, const Transform<A, Cap>& tf, double max) {
+  const A* w = static_cast<const A*>(v.weight);
+  const double eps = v.label_smoothing, C = double(v.classes);
+  double gap = 0.0;
+  for (int64_t c = 0; c < v.classes; ++c) {
+    const double wc = w != nullptr ? double(w[c]) : 1.0;
+    const double m = yr != nullptr ? (1.0 - eps) * wc * double(A(load1(yr + c))) + eps / C * wc : wc;
+    gap += m * (max - double(tf.z(A(load1(xr + c)))));
+  }
+  return gap;
+}
+
 // Lane 0 of the row's warp: the loss of row r from its merged statistics, exactly as the
 // CPU backend combines them (in double).
 template <class T, bool Prob, bool Cap>
@@ -27,42 +43,29 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
     return;
   }
   const double eps = v.label_smoothing, C = double(v.classes);
-  const double l = st.m == -INFINITY ? NAN : double(st.m) + log(double(st.s));
-  const bool huge = huge_lse(l);  // then lse - z = (max - z) + log(sum), see kHugeLse
   const double log_sum = log(double(st.s));
+  const double l = st.m == -INFINITY ? NAN : double(st.m) + log_sum;
+  const bool huge = huge_lse(l);  // then lse - z = (max - z) + log(sum), see kHugeLse
+  const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
+  // sum_c m_c (lse - z_c) from sum_m = sum_c m_c and sum_mz = sum_c m_c z_c (see weighted_gap)
+  auto weighted_lse_minus_z = [&](double sum_m, double sum_mz, const T* yr) {
+    return huge ? weighted_gap(v, xr, yr, tf, double(st.m)) + log_sum * sum_m : l * sum_m - sum_mz;
+  };
   const double ws = eps > 0 && w != nullptr ? *v.weight_sum : C;  // sum of the class weights
   const double smooth = eps > 0 ? eps / C * ws : 0.0;
   double ce, w_r = 1.0;
   if constexpr (Prob) {
     const double wy = (1.0 - eps) * double(st.wy) + smooth;
     const double wyz = (1.0 - eps) * double(st.wyz) + (eps > 0 ? eps / C * double(st.wz) : 0.0);
-    ce = l * wy - wyz;
-    if (huge) {  // sum_c w_c y'_c (max - z_c) logit by logit (the float sums would cancel)
-      const T* yr = static_cast<const T*>(v.y) + r * v.y_stride;
-      const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
-      double gap = 0.0;
-      for (int64_t c = 0; c < v.classes; ++c) {
-        const double wc = w != nullptr ? double(w[c]) : 1.0;
-        const double m = (1.0 - eps) * wc * double(A(load1(yr + c))) + eps / C * wc;
-        gap += m * (double(st.m) - double(tf.z(A(load1(xr + c)))));
-      }
-      ce = gap + log_sum * wy;
-    }
+    ce = weighted_lse_minus_z(wy, wyz, static_cast<const T*>(v.y) + r * v.y_stride);
   } else {
     const bool in_range = t >= 0 && t < v.classes;
     CUDA_KERNEL_ASSERT(t >= 0 && t < v.classes && "Target is out of bounds");
     // Should asserts ever be compiled out, a bad target still reads nothing.
-    const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
     w_r = in_range && w != nullptr ? double(w[t]) : 1.0;
     const double z_t = in_range ? double(tf.z(A(load1(xr + t)))) : NAN;
     ce = (1.0 - eps) * w_r * (huge ? (double(st.m) - z_t) + log_sum : l - z_t);
-    if (eps > 0) {  // sum_c w_c (lse - z_c)
-      double gap = 0.0;  // huge rows: sum_c w_c (max - z_c) logit by logit (the float sum would cancel)
-      if (huge)
-        for (int64_t c = 0; c < v.classes; ++c)
-          gap += (w != nullptr ? double(w[c]) : 1.0) * (double(st.m) - double(tf.z(A(load1(xr + c)))));
-      ce += eps / C * (huge ? gap + log_sum * ws : l * ws - double(st.wz));
-    }
+    if (eps > 0) ce += eps / C * weighted_lse_minus_z(ws, double(st.wz), static_cast<const T*>(nullptr));
   }
   const double zl = v.lse_square_scale > 0 ? v.lse_square_scale * w_r * l * l : 0.0;
   row_loss[r] = A(ce + zl);
