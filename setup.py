@@ -35,7 +35,8 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     debug, sanitize = flag("FASTCE_DEBUG"), flag("FASTCE_SANITIZE")
     opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
-    cxx = opt + ["-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
+    stable = ["-DTORCH_TARGET_VERSION=0x020b000000000000", "-fvisibility=hidden"]
+    cxx = opt + stable + ["-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     link = ["-fopenmp"]
     if sanitize:
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
@@ -58,7 +59,8 @@ def extension():
             "fastce._C", sources, extra_compile_args={"cxx": cxx + ["-DFASTCE_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=link,
         )
-    return CppExtension("fastce._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    return CppExtension("fastce._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                        py_limited_api=True)
 
 
 setup(

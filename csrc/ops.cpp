@@ -1,47 +1,69 @@
 // The op schemas of the fastce library (one definition for every backend). Kernels: cpu/,
-// cuda/. Autograd and fake (meta) kernels: python/fastce/_ops.py. The fastce._C module
-// whose import loads them: python_module.cpp.
-#include <torch/library.h>
+// cuda/ (the boxed kernels: op_kernels.h). Autograd and fake kernels: python/fastce/_ops.py.
+//
+// Importing fastce._C loads this library (the module itself is empty: the ops are reached
+// through torch.ops.fastce), so it uses Python's limited API only and one build serves every
+// Python >= 3.10.
+#include <Python.h>
 
 #include <cstdlib>
 #include <string>
 
+#include "cpu/grad_buffer.h"
 #include "cpu/row_kernels.h"
+#include "torch_api.h"
 
-namespace fastce {
-
-// The instruction set the CPU kernels use now (FASTCE_CPU_ISA can force one).
-std::string cpu_isa() {
-  const cpu::RowKernels* k = cpu::select_kernels(std::getenv("FASTCE_CPU_ISA"));
-  return k ? k->isa : "unsupported";
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
 }
 
-TORCH_LIBRARY(fastce, m) {
+namespace fastce {
+namespace {
+
+// The options every loss op takes after its tensors, in LossOptions' order (rules.h), and
+// python/fastce/_ops.py's LossOptions (a test checks that the three agree).
+const std::string kOptionsSchema =
+    "int reduction=1, int ignore_index=-100, float label_smoothing=0.0, float logit_scale=1.0, "
+    "float? softcap=None, float lse_square_scale=0.0, int class_offset=0, int vocab_size=-1";
+
+// The instruction set the CPU kernels use now (FASTCE_CPU_ISA can force one).
+void cpu_isa(StableIValue* stack, uint64_t, uint64_t) {
+  const cpu::RowKernels* k = cpu::select_kernels(std::getenv("FASTCE_CPU_ISA"));
+  put_results(stack, std::string(k ? k->isa : "unsupported"));
+}
+
+void empty_cache(StableIValue*, uint64_t, uint64_t) { cpu::release_kept_buffer(); }
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(fastce, m) {
   // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float64 log-sum-exp of
   // each row's transformed logits (float64 keeps z - lse exact for large logits);
-  // total_weight: the mean's divisor (float32, float64 for float64 input).
-  // reduction: 0 none, 1 mean, 2 sum (torch's enum). grad_input: with compute_grad, the
-  // gradient of the logits for grad_loss = grad_scale (every element of it) and grad_z_loss = 0
-  // (what cross_entropy_backward returns for them, bit for bit), computed while the rows are
-  // in cache; else empty.
-  m.def(
-      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing, float logit_scale, float? softcap, "
-      "float lse_square_scale, bool inplace_backward, bool compute_grad=False, float grad_scale=1.0) "
-      "-> (Tensor loss, Tensor z_loss, Tensor lse, Tensor total_weight, Tensor grad_input)");
+  // total_weight: the mean's divisor (float32, float64 for float64 input). loss and z_loss are
+  // of loss_dtype (default: the input's). grad_input: with
+  // compute_grad, the gradient of the logits for grad_loss = 1 and grad_z_loss = 0 (what
+  // cross_entropy_backward returns for them, bit for bit), computed while the rows are in
+  // cache; else empty.
+  m.def(("cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, " + kOptionsSchema +
+         ", bool compute_grad=False, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor z_loss, Tensor lse, "
+         "Tensor total_weight, "
+         "Tensor grad_input)").c_str());
   // grad_target is empty unless compute_grad_target and the target holds probabilities.
-  m.def(
-      "cross_entropy_backward(Tensor grad_loss, Tensor grad_z_loss, Tensor input, Tensor target, "
-      "Tensor? weight, Tensor lse, Tensor total_weight, int reduction, int ignore_index, "
-      "float label_smoothing, float logit_scale, float? softcap, float lse_square_scale, "
-      "bool compute_grad_target) -> (Tensor grad_input, Tensor grad_target)");
+  m.def(("cross_entropy_backward(Tensor grad_loss, Tensor grad_z_loss, Tensor input, Tensor target, "
+         "Tensor? weight, Tensor lse, Tensor total_weight, " + kOptionsSchema +
+         ", bool compute_grad_target=False) -> (Tensor grad_input, Tensor grad_target)").c_str());
   // Writes the gradient of the logits into the logits' own storage.
-  m.def(
-      "cross_entropy_backward_inplace(Tensor grad_loss, Tensor grad_z_loss, Tensor(a!) input, "
-      "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, int reduction, "
-      "int ignore_index, float label_smoothing, float logit_scale, float? softcap, "
-      "float lse_square_scale) -> ()");
-  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def(("cross_entropy_backward_inplace(Tensor grad_loss, Tensor grad_z_loss, Tensor(a!) input, "
+         "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, " + kOptionsSchema + ") -> ()").c_str());
+  m.def("cpu_isa() -> str");
+  // Unmaps the CPU gradient buffer kept for reuse (cpu/grad_buffer.cpp).
+  m.def("empty_cache() -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(fastce, CompositeExplicitAutograd, m) {
+  m.impl("cpu_isa", &cpu_isa);
+  m.impl("empty_cache", &empty_cache);
 }
 
 }  // namespace fastce

@@ -84,12 +84,26 @@ def test_bad_llm_options(kwargs, message):
 
 
 def test_ops_reject_bad_arguments_directly():
-    # The ops are usable without the Python front: they check everything themselves.
-    with pytest.raises(ValueError, match="reduction must be"):
-        torch.ops.fastce.cross_entropy_forward(x(2, 3), idx(2, high=3), None, 7, -100, 0.0, 1.0, None, 0.0, False)
-    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
-        torch.ops.fastce.cross_entropy_forward(x(2, 3), torch.tensor([0, 9]), None, 1, -100, 0.0, 1.0, None, 0.0,
-                                               False)
+    # The ops are usable without the Python front: they check everything themselves. Across
+    # the stable ABI their errors are RuntimeErrors whose message names torch's type.
+    with pytest.raises(RuntimeError, match=r"\[fastce:ValueError\] reduction must be"):
+        torch.ops.fastce.cross_entropy_forward(x(2, 3), idx(2, high=3), None, 7)
+    with pytest.raises(RuntimeError, match=r"\[fastce:IndexError\] Target 9 is out of bounds"):
+        torch.ops.fastce.cross_entropy_forward(x(2, 3), torch.tensor([0, 9]), None, reduction=1)
+    with pytest.raises(RuntimeError, match=r"\[fastce:ValueError\] class_offset \+ classes"):
+        torch.ops.fastce.cross_entropy_forward(x(2, 3), idx(2, high=3), None, class_offset=2, vocab_size=4)
+    with pytest.raises(RuntimeError, match="loss_dtype must be a floating point dtype"):
+        torch.ops.fastce.cross_entropy_forward(x(2, 3), idx(2, high=3), None, loss_dtype=torch.int64)
+
+
+def test_loss_options_match_the_schemas():
+    # LossOptions (Python) is the options' one list; the C++ schemas must take the same, in order.
+    from fastce._ops import LossOptions
+    for op in (torch.ops.fastce.cross_entropy_forward, torch.ops.fastce.cross_entropy_backward,
+               torch.ops.fastce.cross_entropy_backward_inplace):
+        names = [a.name for a in op.default._schema.arguments]
+        first = names.index("reduction")
+        assert tuple(names[first:first + len(LossOptions._fields)]) == LossOptions._fields, op
 
 
 def test_out_of_bounds_does_not_poison_later_calls():

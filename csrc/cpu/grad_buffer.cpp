@@ -7,9 +7,6 @@
 // memory that is already mapped. FASTCE_CPU_GRAD_CACHE=0 turns the keeping off.
 #include "grad_buffer.h"
 
-#include <ATen/EmptyTensor.h>
-#include <c10/core/Allocator.h>
-
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -35,8 +32,7 @@ bool keeping_enabled() {
 
 #if defined(__linux__)
 // One mapping, its data aligned to a huge page (so that all of it can be backed by huge
-// pages), this header just before the data: the DataPtr's context is its data pointer, as
-// torch's own CPU allocations have (a "simple" data pointer, which copy-on-write needs).
+// pages), this header just before the data.
 struct Block {
   void* map;        // what mmap returned
   size_t map_size;
@@ -50,7 +46,7 @@ Block* map_block(size_t n) {
   const size_t size = (n + kHugePage - 1) / kHugePage * kHugePage;
   const size_t map_size = size + kHugePage;  // room to align data and put the header before it
   void* map = mmap(nullptr, map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(map != MAP_FAILED, "fastce: not enough memory: you tried to allocate ", n, " bytes.");
+  FASTCE_CHECK(map != MAP_FAILED, "fastce: not enough memory: you tried to allocate ", n, " bytes.");
   const uintptr_t data =
       (reinterpret_cast<uintptr_t>(map) + Block::kHeader + kHugePage - 1) & ~(kHugePage - 1);
   Block* b = new (reinterpret_cast<void*>(data - Block::kHeader)) Block{map, map_size, size};
@@ -64,40 +60,32 @@ void unmap_block(Block* b) {
   if (b) munmap(b->map, b->map_size);  // the header goes with the mapping
 }
 
-class KeepingAllocator final : public c10::Allocator {
+// The latest freed buffer, kept for the next gradient of a similar size.
+class KeptBlock {
  public:
-  static KeepingAllocator& instance() {
-    static auto* allocator = new KeepingAllocator();  // never destroyed: tensors may outlive exit
-    return *allocator;
+  static KeptBlock& instance() {
+    static auto* kept = new KeptBlock();  // never destroyed: tensors may outlive exit
+    return *kept;
   }
-  c10::DataPtr allocate(size_t n) override {
-    Block* b = take(n);
-    if (!b) b = map_block(n);
-    return {b->data(), b->data(), &KeepingAllocator::release, c10::Device(c10::kCPU)};
-  }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    std::memcpy(dest, src, count);
-  }
-  void release_kept() { unmap_block(exchange_kept(nullptr)); }
-
- private:
-  Block* exchange_kept(Block* b) {
-    std::lock_guard<std::mutex> lock(mu_);
-    return std::exchange(kept_, b);
-  }
-  // The kept block if it fits n without wasting more than half of it; else unmaps it.
+  // A block for n bytes: the kept one if it fits n without wasting more than half of it.
   Block* take(size_t n) {
-    Block* b = exchange_kept(nullptr);
+    Block* b = exchange(nullptr);
     if (b && b->size >= n && b->size / 2 <= n) return b;
     unmap_block(b);
-    return nullptr;
+    return map_block(n);
   }
   // The deleter of every buffer: keeps the latest (the next step's likely size).
   static void release(void* data) {
     Block* b = Block::of(data);
-    unmap_block(keeping_enabled() ? instance().exchange_kept(b) : b);
+    unmap_block(keeping_enabled() ? instance().exchange(b) : b);
   }
+  void release_kept() { unmap_block(exchange(nullptr)); }
 
+ private:
+  Block* exchange(Block* b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::exchange(kept_, b);
+  }
   std::mutex mu_;
   Block* kept_ = nullptr;
 };
@@ -105,21 +93,21 @@ class KeepingAllocator final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor new_grad_buffer(int64_t rows, int64_t classes, const at::TensorOptions& options) {
+Tensor new_grad_buffer(int64_t rows, int64_t classes, ScalarType dtype, const Tensor& like) {
 #if defined(__linux__)
-  const size_t nbytes = size_t(rows) * size_t(classes) * options.dtype().itemsize();
+  const size_t nbytes = size_t(rows) * size_t(classes) * element_size(dtype);
   if (nbytes >= kMinKept) {
-    return at::detail::empty_generic({rows, classes}, &KeepingAllocator::instance(),
-                                     c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     options.dtype().toScalarType(), std::nullopt);
+    Block* b = KeptBlock::instance().take(nbytes);
+    return torch::stable::from_blob(b->data(), {rows, classes}, {classes, 1},
+                                    torch::stable::Device(DeviceType::CPU), dtype, &KeptBlock::release);
   }
 #endif
-  return at::empty({rows, classes}, options);
+  return empty_on(like, {rows, classes}, dtype);
 }
 
 void release_kept_buffer() {
 #if defined(__linux__)
-  KeepingAllocator::instance().release_kept();
+  KeptBlock::instance().release_kept();
 #endif
 }
 

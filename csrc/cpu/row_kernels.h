@@ -4,13 +4,16 @@
 // This header deliberately includes no torch header: the implementation is
 // compiled once per instruction set with different target options, and any
 // inline function shared with the rest of the library would risk the linker
-// picking an AVX-512 copy for a machine without it.
+// picking an AVX-512 copy for a machine without it (rules.h has internal linkage).
 #pragma once
 #include <cstdint>
 
+#include "../rules.h"
+
 namespace fastce::cpu {
 
-enum class Dtype : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+using fastce::Dtype;
+using fastce::GradCoef;
 
 // Everything a row kernel needs that is the same for every row.
 struct RowConfig {
@@ -32,23 +35,6 @@ struct PieceStats {
   double sum_wyz = 0.0;           // probability targets: sum of w_c * y2_c * z_c (y2: smoothed y)
   double sum_wy = 0.0;            // probability targets: sum of w_c * y2_c
   bool has_nan = false;
-};
-
-// Gradient of one row in z-space is  p_c * coef_p - w_c * (coef_w + coef_wy * y_c)
-// minus coef_target at the target class; the driver folds the incoming gradient,
-// the reduction, label smoothing and the z-loss into these coefficients.
-struct GradCoef {
-  // The row's log-sum-exp is lse_shift + lse. lse_shift is 0 unless the row's max is so large in
-  // magnitude that one float64 cannot hold max + log(sum) (a row masked with finfo.min): then it
-  // is the max and lse the log of the sum, so that z - lse_shift - lse stays exact.
-  double lse_shift;
-  double lse;
-  double coef_p;
-  double coef_w;
-  double coef_wy;       // probability targets only
-  int64_t target;       // class-index targets: the target class, else -1
-  double coef_target;
-  double coef_grad_y;   // probability targets: d loss / d y_c = coef_grad_y * w_c * (lse - z_c)
 };
 
 // One implementation per instruction set, chosen at run time.

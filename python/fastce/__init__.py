@@ -2,6 +2,11 @@
 import torch
 
 from . import _C, _ops  # noqa: F401  (_ops: loads the kernels, registers fake kernels and autograd)
+
+try:  # the CUDA kernels: a separate library, built only with a CUDA toolkit and loadable only
+    from . import _C_cuda  # noqa: F401  with a CUDA build of torch
+except ImportError:
+    _C_cuda = None
 from .functional import cross_entropy
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
@@ -22,12 +27,12 @@ def empty_cache() -> None:
     pages); when it is freed, fastce keeps that memory, one buffer at a time, for the next
     gradient of a similar size, so that a training step does not pay the page faults of fresh
     memory. ``FASTCE_CPU_GRAD_CACHE=0`` turns the keeping off."""
-    _C.empty_cache()
+    torch.ops.fastce.empty_cache()
 
 
 def has_cuda_kernels() -> bool:
     """Whether this build carries the CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastce::cross_entropy_forward", "CUDA")
+    return _C_cuda is not None
 
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "vocab_parallel_cross_entropy", "cpu_isa", "empty_cache", "has_cuda_kernels", "__version__"]

@@ -4,9 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._ops import cross_entropy_loss
-
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+from ._ops import REDUCTIONS, LossOptions, cross_entropy_loss
 
 
 def _legacy_reduction(size_average, reduce):
@@ -19,9 +17,9 @@ def _legacy_reduction(size_average, reduce):
 
 
 def _reduction_enum(reduction):
-    if reduction not in _REDUCTIONS:
+    if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    return _REDUCTIONS[reduction]
+    return REDUCTIONS[reduction]
 
 
 def _bad_argument_type(name, position, expected, value):
@@ -88,10 +86,9 @@ def cross_entropy(
             raise RuntimeError(
                 "inplace_backward=True would overwrite a leaf tensor that requires grad with its "
                 "gradient; pass a tensor computed in the graph (e.g. the output of the LM head)")
-    loss, z_loss = cross_entropy_loss(
-        input, target, weight, reduction_enum, ignore_index, float(label_smoothing),
-        float(logit_scale), None if softcap is None else float(softcap), float(lse_square_scale),
-        bool(inplace_backward))
+    options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
+                          None if softcap is None else float(softcap), float(lse_square_scale))
+    loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward))
     if return_z_loss:
         return loss, z_loss
     return loss

@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._ops import _tracing, ops
+from ._errors import torch_errors
+from ._ops import LossOptions, _tracing, ops
 from .functional import _reduction_enum
 
 _NONE, _MEAN, _SUM = 0, 1, 2
@@ -77,7 +78,8 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
     b2 = None if b is None else b.reshape(-1)
     prob = target.dim() == 2 + len(spatial)
     acc = _acc_dtype(x.dtype)
-    opts = (ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale)
+    opts = LossOptions(reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale)
+    sum_opts = opts._replace(reduction=_NONE if reduction == _NONE else _SUM)
 
     chunk = _chunk_rows(rows, w2.shape[0], x.dtype, x.device, chunk_size)
     buf = x.new_empty((min(chunk, rows), w2.shape[0]))
@@ -88,8 +90,8 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
     grads = grad_loss is not None
     # The kernel checks the arguments (weight, target dtype, options) on zero rows first,
     # so that bad ones are reported by it, not by the tensor ops below.
-    ops.cross_entropy_forward(buf[:0].view(0, classes, *spatial), target[:0], weight, reduction,
-                              *opts, False)
+    with torch_errors():
+        ops.cross_entropy_forward(buf[:0].view(0, classes, *spatial), target[:0], weight, *opts)
     total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
     if forward:
         loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
@@ -117,8 +119,8 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
         logits = logits2d.view(end - start, classes, *spatial)
         if forward:
             # 'mean' is summed here and divided by the global total weight at the end.
-            loss_c, _, lse_c = ops.cross_entropy_forward(
-                logits, t_c, weight, _NONE if reduction == _NONE else _SUM, *opts, inplace)[:3]
+            with torch_errors():
+                loss_c, _, lse_c = ops.cross_entropy_forward(logits, t_c, weight, *sum_opts)[:3]
             lse[start:end] = lse_c
             if reduction == _NONE:
                 loss[start:end] = loss_c
@@ -128,12 +130,13 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
             continue
         g_c = grad_loss[start:end] if reduction == _NONE else grad_loss
         z_c = zero[start:end] if reduction == _NONE else zero
-        args = (g_c, z_c, logits, t_c, weight, lse[start:end], total_weight, reduction, *opts)
-        if inplace:
-            ops.cross_entropy_backward_inplace(*args)
-            grad2d = logits2d
-        else:
-            grad2d = ops.cross_entropy_backward(*args, False)[0].view(end - start, -1)
+        args = (g_c, z_c, logits, t_c, weight, lse[start:end], total_weight, *opts)
+        with torch_errors():
+            if inplace:
+                ops.cross_entropy_backward_inplace(*args)
+                grad2d = logits2d
+            else:
+                grad2d = ops.cross_entropy_backward(*args)[0].view(end - start, -1)
         if want_x:
             torch.mm(grad2d, w2, out=gx[start:end])
         if want_w:

@@ -1,17 +1,19 @@
 """Vocabulary-parallel cross-entropy over torch.distributed (tensor-parallel LM heads).
 
-Each rank holds a contiguous shard of the vocabulary. Per row, the shard's pass
-(``vocab_parallel_stats``, one read of the logits) gives the log-sum-exp and the sum of
-the transformed logits; the ranks then exchange O(rows) numbers in two all-reduces:
+Each rank holds a contiguous slice of the vocabulary and runs fastce's own loss ops on it, as
+a slice: ``class_offset`` and ``vocab_size`` tell the kernels where the slice lies, so a target
+held by another rank adds no target term here and label smoothing spreads over the whole
+vocabulary. One read of the slice gives, per row, its log-sum-exp ``lse_k`` and its loss
+against that lse, ``loss_k`` (in float64). The ranks then exchange O(rows) numbers:
 
-1. max: each rank's shard lse, plus its shard size in its own slot (so every rank learns
-   where its shard starts and the global vocabulary size without another collective);
-2. sum, fused in one tensor: exp(shard lse - max), the target logit (non-zero on the rank
-   that holds the target), and the smoothing sum (only with label smoothing).
+1. max of ``lse_k``: ``m``;
+2. sum, in one tensor: ``exp(lse_k - m)`` and ``loss_k + M_k (m - lse_k)``, where
+   ``M_k = (1 - eps) [target in slice k] + eps C_k / V`` is the weight the slice's loss gives
+   its lse. With ``L = m + log S`` the whole vocabulary's lse, the row's cross-entropy is
+   ``sum_k (loss_k + M_k (L - lse_k)) = A + log S`` (the M_k sum to 1).
 
-``vocab_parallel_loss`` turns these into the loss of every row; its backward writes the
-shard's gradient from the global lse alone, with no communication. The collectives are
-torch.distributed's functional ones, so the function traces under torch.compile.
+The backward is the same backward op with the global lse: no communication. The collectives
+are torch.distributed's functional ones under torch.compile.
 """
 from typing import Optional
 
@@ -20,58 +22,11 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from ._ops import ops
+from ._errors import torch_errors
+from ._ops import LossOptions, ops
 from .functional import _reduction_enum
 
-# float32 holds every integer up to 2**24 exactly: the shard sizes travel in the max exchange.
-_MAX_FLOAT32_SHARD = 2**24
-
-
-@torch.library.register_fake("fastce::vocab_parallel_stats")
-def _stats_fake(logits, target, ignore_index, logit_scale, softcap):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    rows = target.shape if logits.dim() > 1 else ()
-    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
-
-
-@torch.library.register_fake("fastce::vocab_parallel_loss")
-def _loss_fake(logits, target, shard_start, num_classes, lse, target_logit, sum_z, ignore_index,
-               label_smoothing, logit_scale, softcap, lse_square_scale):
-    return torch.empty_like(lse)
-
-
-@torch.library.register_fake("fastce::vocab_parallel_backward")
-def _backward_fake(grad, logits, target, shard_start, num_classes, lse, ignore_index,
-                   label_smoothing, logit_scale, softcap, lse_square_scale):
-    return logits.new_empty(logits.shape)
-
-
-def _loss_setup_context(ctx, inputs, output):
-    (logits, target, shard_start, num_classes, lse, _, _, ignore_index, label_smoothing,
-     logit_scale, softcap, lse_square_scale) = inputs
-    ctx.save_for_backward(logits, target, shard_start, num_classes, lse)
-    ctx.options = (ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale)
-
-
-def _loss_backward(ctx, grad):
-    logits, target, shard_start, num_classes, lse = ctx.saved_tensors
-    grad_logits = ops.vocab_parallel_backward(grad, logits, target, shard_start, num_classes, lse,
-                                              *ctx.options)
-    return (grad_logits,) + (None,) * 11
-
-
-torch.library.register_autograd("fastce::vocab_parallel_loss", _loss_backward,
-                                setup_context=_loss_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("vocab_parallel_cross_entropy does not support double backward")
-
-
-torch.library.register_autograd("fastce::vocab_parallel_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
-
-
+_NONE, _MEAN, _SUM = 0, 1, 2
 _REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
 
@@ -84,19 +39,66 @@ def _all_reduce(t: Tensor, op: str, group) -> Tensor:
     return t
 
 
-def _target_logit(logits, target, shard_start, ignore_index, logit_scale, softcap, acc):
-    """z of each row's target where this shard holds it, else 0 (O(rows) work)."""
-    class_dim = 0 if logits.dim() == 1 else 1
-    shard_classes = logits.shape[class_dim]
-    local = target.long() - shard_start
-    inside = (target != ignore_index) & (local >= 0) & (local < shard_classes)
-    if shard_classes == 0:
-        return torch.zeros(inside.shape, dtype=acc, device=logits.device)
-    index = local.clamp(0, shard_classes - 1).unsqueeze(class_dim)
-    x = logits.detach().gather(class_dim, index).squeeze(class_dim).to(acc)
-    # The same arithmetic as the kernels' transform.
-    z = torch.tanh(x * (logit_scale / softcap)) * softcap if softcap is not None else x * logit_scale
-    return torch.where(inside, z, 0.0)
+def _slice_of(shard_classes, group):
+    """(class_offset, vocab_size) of this rank's slice: from the slices' sizes (in rank order)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    sizes = torch.zeros(world, dtype=torch.int64)
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        sizes = sizes.cuda()
+    sizes[rank] = shard_classes
+    sizes = _all_reduce(sizes, "sum", group).tolist()
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _lse_weight(target, options, shard_classes):
+    """M_k of every row: the weight this slice's loss gives its own lse (0 on ignored rows)."""
+    eps, V = options.label_smoothing, options.vocab_size
+    local = target.long() - options.class_offset
+    here = (local >= 0) & (local < shard_classes)
+    m = here.double() * (1.0 - eps) + eps * shard_classes / V
+    return torch.where(target == options.ignore_index, 0.0, m)
+
+
+class _VocabParallelLoss(torch.autograd.Function):
+    """Per-row loss of the whole vocabulary (float64, 0 on ignored rows) and its total weight."""
+
+    @staticmethod
+    def forward(logits, target, options, group):
+        shard_classes = logits.shape[0 if logits.dim() == 1 else 1]
+        with torch_errors():
+            loss_k, _, lse_k, total_weight, _ = ops.cross_entropy_forward.default(
+                logits, target, None, *options._replace(reduction=_NONE, lse_square_scale=0.0),
+                loss_dtype=torch.float64)
+        m = _all_reduce(lse_k.clone(), "max", group)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # rows that hold nothing anywhere: NaN below
+        weight = _lse_weight(target, options, shard_classes)
+        gap = torch.where(weight == 0, 0.0, weight * (m - lse_k))
+        parts = _all_reduce(torch.stack([torch.exp(lse_k - m), loss_k + gap]), "sum", group)
+        log_s = torch.log(parts[0])
+        lse = m + log_s
+        loss = parts[1] + log_s
+        s = options.lse_square_scale
+        if s > 0:
+            loss = loss + s * lse * lse
+        ignored = target == options.ignore_index
+        return loss.masked_fill(ignored, 0.0), lse, total_weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, options, _ = inputs
+        _, lse, total_weight = output
+        ctx.save_for_backward(logits, target, lse, total_weight)
+        ctx.options = options
+        ctx.mark_non_differentiable(lse, total_weight)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        logits, target, lse, total_weight = ctx.saved_tensors
+        with torch_errors():
+            grad_logits, _ = ops.cross_entropy_backward.default(
+                grad, torch.zeros_like(grad), logits, target, None, lse, total_weight,
+                *ctx.options._replace(reduction=_NONE))
+        return grad_logits, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -110,6 +112,8 @@ def vocab_parallel_cross_entropy(
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     lse_square_scale: float = 0.0,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ) -> Tensor:
     """Cross-entropy of logits whose classes are split across the ranks of ``group``.
 
@@ -121,45 +125,26 @@ def vocab_parallel_cross_entropy(
     logits returns (label smoothing spreads over the global vocabulary); the backward pass
     gives each rank the gradient of its own shard and communicates nothing.
 
-    ``logit_scale``, ``softcap`` and ``lse_square_scale`` are those of
-    ``fastce.cross_entropy``. Every rank must call this with the same options and row count.
+    ``vocab_start`` and ``vocab_size`` (this rank's first class and the whole vocabulary's
+    size) spare one exchange of the shard sizes when given; under ``torch.compile`` give them
+    (the exchange reads its result on the host). ``logit_scale``, ``softcap`` and
+    ``lse_square_scale`` are those of ``fastce.cross_entropy``. Every rank must call this with
+    the same options and row count.
     """
     reduction_enum = _reduction_enum(reduction)
     if target.is_floating_point():
         raise ValueError("vocab_parallel_cross_entropy takes class indices as target, not probabilities")
-    shard_classes = logits.shape[0 if logits.dim() == 1 else 1] if logits.dim() else 0
-    if logits.dtype != torch.float64 and shard_classes > _MAX_FLOAT32_SHARD:
-        raise ValueError(f"vocab_parallel_cross_entropy: a shard holds at most {_MAX_FLOAT32_SHARD} "
-                         f"classes for {logits.dtype} logits, got {shard_classes}")
     group = dist.group.WORLD if group is None else group
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    softcap = None if softcap is None else float(softcap)
-    logit_scale, label_smoothing = float(logit_scale), float(label_smoothing)
-
-    lse, sum_z = ops.vocab_parallel_stats(logits.detach(), target, ignore_index, logit_scale, softcap)
-    acc = lse.dtype
-
-    # Exchange 1 (max): the row maxima of the shard lse, and every shard's size.
-    sizes = torch.zeros(world, dtype=acc, device=logits.device)
-    sizes[rank] = shard_classes
-    top = _all_reduce(torch.cat([lse.reshape(-1), sizes]), "max", group)
-    rows = lse.numel()
-    lse_max = top[:rows].view(lse.shape)
-    sizes = top[rows:].to(torch.int64)
-    shard_start, num_classes = sizes[:rank].sum(), sizes.sum()
-
-    # Exchange 2 (sum): sum-exp against the common max, target logit, smoothing sum.
-    z_t = _target_logit(logits, target, shard_start, ignore_index, logit_scale, softcap, acc)
-    parts = [torch.exp(lse - lse_max), z_t] + ([sum_z] if label_smoothing > 0 else [])
-    total = _all_reduce(torch.stack(parts).reshape(-1), "sum", group).view(len(parts), *lse.shape)
-    global_lse = lse_max + torch.log(total[0])
-    global_sum_z = total[2] if label_smoothing > 0 else sum_z  # (unused without smoothing)
-
-    loss = ops.vocab_parallel_loss(logits, target, shard_start, num_classes, global_lse, total[1],
-                                   global_sum_z, ignore_index, label_smoothing, logit_scale, softcap,
-                                   float(lse_square_scale))
-    if reduction_enum == 0:
+    shard_classes = logits.shape[0 if logits.dim() == 1 else 1] if logits.dim() else 0
+    if vocab_start is None or vocab_size is None:
+        vocab_start, vocab_size = _slice_of(shard_classes, group)
+    options = LossOptions(_NONE, ignore_index, float(label_smoothing), float(logit_scale),
+                          None if softcap is None else float(softcap), float(lse_square_scale),
+                          int(vocab_start), int(vocab_size))
+    loss, _, total_weight = _VocabParallelLoss.apply(logits, target, options, group)
+    if reduction_enum == _NONE:
         return loss.to(logits.dtype)
-    if reduction_enum == 2:
-        return loss.sum().to(logits.dtype)
-    return (loss.sum() / (target != ignore_index).sum()).to(logits.dtype)
+    total = loss.sum()
+    if reduction_enum == _MEAN:
+        total = total / total_weight
+    return total.to(logits.dtype)

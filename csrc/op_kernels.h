@@ -1,0 +1,117 @@
+// The boxed kernels of the three loss ops, the same for every backend: they read the
+// arguments (the options in one place: read_options), validate them (prepare), and call the
+// backend. A backend supplies
+//   static ForwardResult forward(const Tensor& input, const Problem&, const LossOptions&, bool compute_grad,
+//                                ScalarType loss_dtype);
+//   static Tensor new_grad_buffer(const Problem&, const Tensor& input);
+//   static void backward_into(const BackwardArgs&, const Problem&, Tensor& grad2d, Tensor* grad_target2d);
+//   struct Guard { explicit Guard(const Tensor& input); };  // the device to run on
+#pragma once
+#include "problem.h"
+
+namespace fastce {
+
+struct ForwardResult {
+  Tensor loss, z_loss, lse, total_weight, grad_input;
+};
+
+// What the backward ops take besides the problem.
+struct BackwardArgs {
+  Tensor grad_loss, grad_z_loss, lse, total_weight;
+  LossOptions opt;
+};
+
+namespace detail {
+
+struct LossCall {
+  Tensor input, target;
+  std::optional<Tensor> weight;
+  LossOptions opt;
+};
+
+inline LossCall read_loss_call(Args& a) {
+  LossCall c{a.tensor(), a.tensor(), a.optional_tensor(), {}};
+  c.opt = read_options(a);
+  return c;
+}
+
+// Rows whose memory overlaps (an expanded tensor) cannot take their gradient in place.
+inline bool rows_overlap(const Problem& p) {
+  return p.rows > 1 && p.logits.stride(0) < std::max<int64_t>(p.classes, 1);
+}
+
+}  // namespace detail
+
+// cross_entropy_forward(input, target, weight, <options>, compute_grad, loss_dtype)
+//   -> (loss, z_loss, lse, total_weight, grad_input)
+template <class Backend>
+void forward_kernel(StableIValue* stack, uint64_t, uint64_t) {
+  Args a(stack);
+  const detail::LossCall c = detail::read_loss_call(a);
+  const bool compute_grad = a.flag();
+  const std::optional<ScalarType> loss_dtype = a.optional_dtype();
+  const typename Backend::Guard guard(c.input);
+  const Problem p = prepare(c.input, c.target, c.weight, c.opt);
+  FASTCE_CHECK_VALUE(!loss_dtype.has_value() || is_floating(*loss_dtype),
+                     "loss_dtype must be a floating point dtype, got ", *loss_dtype);
+  ForwardResult r = Backend::forward(c.input, p, c.opt, compute_grad, loss_dtype.value_or(p.dtype));
+  put_results(stack, r.loss, r.z_loss, r.lse, r.total_weight, r.grad_input);
+}
+
+// cross_entropy_backward(grad_loss, grad_z_loss, input, target, weight, lse, total_weight,
+//                        <options>, compute_grad_target) -> (grad_input, grad_target)
+template <class Backend>
+void backward_kernel(StableIValue* stack, uint64_t, uint64_t) {
+  Args a(stack);
+  BackwardArgs b;
+  b.grad_loss = a.tensor();
+  b.grad_z_loss = a.tensor();
+  const Tensor input = a.tensor(), target = a.tensor();
+  const std::optional<Tensor> weight = a.optional_tensor();
+  b.lse = a.tensor();
+  b.total_weight = a.tensor();
+  b.opt = read_options(a);
+  const bool compute_grad_target = a.flag();
+  const typename Backend::Guard guard(input);
+  const Problem p = prepare(input, target, weight, b.opt);
+  Tensor gx2d = Backend::new_grad_buffer(p, input);
+  const bool grad_y = compute_grad_target && p.prob;
+  Tensor gy2d = grad_y ? Backend::new_grad_buffer(p, input) : empty_on(input, {0}, p.dtype);
+  Backend::backward_into(b, p, gx2d, grad_y ? &gy2d : nullptr);
+  put_results(stack, grad_to_input_layout(gx2d, input), grad_y ? grad_to_input_layout(gy2d, input) : gy2d);
+}
+
+// cross_entropy_backward_inplace(grad_loss, grad_z_loss, input(a!), target, weight, lse,
+//                                total_weight, <options>) -> ()
+template <class Backend>
+void backward_inplace_kernel(StableIValue* stack, uint64_t, uint64_t) {
+  Args a(stack);
+  BackwardArgs b;
+  b.grad_loss = a.tensor();
+  b.grad_z_loss = a.tensor();
+  Tensor input = a.tensor();
+  const Tensor target = a.tensor();
+  const std::optional<Tensor> weight = a.optional_tensor();
+  b.lse = a.tensor();
+  b.total_weight = a.tensor();
+  b.opt = read_options(a);
+  const typename Backend::Guard guard(input);
+  const Problem p = prepare(input, target, weight, b.opt);
+  const bool same_storage = input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
+                            (p.classes <= 1 || p.logits.stride(1) == 1);
+  if (same_storage && !detail::rows_overlap(p)) {
+    Tensor gx2d = p.logits;
+    Backend::backward_into(b, p, gx2d, nullptr);
+    return;
+  }
+  // torch's error for writing into memory that several elements share.
+  FASTCE_CHECK(!same_storage || !detail::rows_overlap(p),
+               "unsupported operation: some elements of the input tensor and the written-to tensor refer to a "
+               "single memory location. Please clone() the tensor before performing the operation.");
+  // The kernels' view of these logits is a copy: compute there, then copy back.
+  Tensor gx2d = Backend::new_grad_buffer(p, input);
+  Backend::backward_into(b, p, gx2d, nullptr);
+  torch::stable::copy_(input, grad_to_input_layout(gx2d, input));
+}
+
+}  // namespace fastce

@@ -1,0 +1,180 @@
+// The numerical rules of the loss, written once for every path: the CPU driver, the CUDA
+// kernels, the fused linear loss and the vocabulary-parallel loss (both run the same ops).
+//
+// Torch-free and compiled for host and device. Every function has internal linkage: the CPU
+// kernels are compiled once per instruction set, and an inline function with external
+// linkage would let the linker keep, say, its AVX-512 copy for every caller.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTCE_RULE static __host__ __device__ __forceinline__
+#else
+#define FASTCE_RULE static inline
+#endif
+
+namespace fastce {
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// The element types of logits the kernels read (the accumulation type is float, double for
+// Float64).
+enum class Dtype : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+
+// The options every op takes after its tensors, in the schemas' order (csrc/ops.cpp:
+// kOptionsSchema; python/fastce/_ops.py: LossOptions).
+struct LossOptions {
+  int64_t reduction = kMean;
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double logit_scale = 1.0;
+  double softcap = 0.0;  // 0: off
+  double lse_square_scale = 0.0;
+  // Vocabulary-parallel: the input holds classes [class_offset, class_offset + C) of a
+  // vocabulary of vocab_size classes (-1: the input's own C). Targets are global indices; a
+  // target outside this slice contributes no target term here.
+  int64_t class_offset = 0;
+  int64_t vocab_size = -1;
+};
+
+// The vocabulary size that label smoothing spreads over.
+FASTCE_RULE int64_t vocabulary(const LossOptions& o, int64_t classes) {
+  return o.vocab_size >= 0 ? o.vocab_size : classes;
+}
+
+// ---- the logit transform ------------------------------------------------------------------
+// z = logit_scale * x, then soft-capped: z = softcap * tanh(z / softcap), folded as
+// tanh(x * (logit_scale / softcap)) * softcap. slope = dz/dx.
+// (Member functions would have external linkage: the rules are free functions.)
+template <class A>
+struct LogitTransform {
+  A scale, cap, u_coef;
+};
+template <class A>
+FASTCE_RULE LogitTransform<A> logit_transform(const LossOptions& o) {
+  return {A(o.logit_scale), A(o.softcap), o.softcap > 0 ? A(o.logit_scale / o.softcap) : A(0)};
+}
+template <class A>
+FASTCE_RULE A transform_z(const LogitTransform<A>& t, A x) {
+  return t.cap > A(0) ? std::tanh(x * t.u_coef) * t.cap : x * t.scale;
+}
+
+// ---- a row's log-sum-exp ------------------------------------------------------------------
+// A row's lse is kept as shift + rel. In one float64, max + log(sum) loses log(sum) where
+// |lse| is huge (a row masked with finfo.min, ties at 1e30): from 2^19 float64's spacing
+// (2^-33) shows in float64 rows' results. Such a row keeps shift = max, rel = log(sum)
+// (its backward recomputes them from the logits); every other row has shift = 0.
+constexpr double kHugeLse = 524288.0;  // 2^19
+
+FASTCE_RULE bool huge_lse(double lse) { return std::fabs(lse) >= kHugeLse && std::fabs(lse) < INFINITY; }
+
+struct RowLse {
+  double shift, rel;
+};
+// From a row's statistics: its max and sum of exp(z - max); NaN when a logit is NaN, -inf
+// when all are -inf or there are none (a slice of the vocabulary that holds nothing adds
+// nothing; a row's loss is then -inf - -inf = NaN, as torch's).
+FASTCE_RULE RowLse row_lse(double max, double sumexp, bool has_nan) {
+  const double lse = has_nan ? NAN : max == -INFINITY ? -INFINITY : max + std::log(sumexp);
+  return huge_lse(lse) ? RowLse{max, std::log(sumexp)} : RowLse{0.0, lse};
+}
+FASTCE_RULE double full(const RowLse& l) { return l.shift + l.rel; }
+// lse - z, exact for a shifted row too.
+FASTCE_RULE double lse_minus(const RowLse& l, double z) {
+  return l.shift != 0.0 ? (l.shift - z) + l.rel : l.rel - z;
+}
+// sum_c m_c (lse - z_c) from sum_m = sum_c m_c and sum_mz = sum_c m_c z_c. For a shifted row
+// these float sums would cancel against shift * sum_m: the caller passes
+// gap = sum_c m_c (shift - z_c), summed logit by logit in float64 (else 0).
+FASTCE_RULE double weighted_lse_minus_z(const RowLse& l, double sum_m, double sum_mz, double gap) {
+  return l.shift != 0.0 ? gap + l.rel * sum_m : full(l) * sum_m - sum_mz;
+}
+
+// ---- a row's loss -------------------------------------------------------------------------
+// What a row's loss needs besides its lse. Class-index targets: m_c = w_c; probability
+// targets: m_c = w_c y'_c with y' = (1 - eps) y + eps / V folded in by the kernels.
+struct RowSums {
+  double sum_wz;   // sum_c w_c z_c over the input's classes (label smoothing, class indices)
+  double sum_wyz;  // probability targets: sum_c w_c y'_c z_c
+  double sum_wy;   // probability targets: sum_c w_c y'_c
+  double gap;      // huge rows: sum_c m_c (shift - z_c), else 0 (see weighted_lse_minus_z)
+};
+
+// Cross-entropy of a row with a class index. target_here: the target lies in this input
+// (always, except for vocabulary-parallel slices); w_t its class weight, z_t its
+// transformed logit; weight_sum = sum_c w_c over the input's classes; V the vocabulary.
+FASTCE_RULE double class_row_loss(const RowLse& l, bool target_here, double w_t, double z_t, double eps,
+                                  double V, double weight_sum, const RowSums& s) {
+  double ce = target_here ? (1.0 - eps) * w_t * lse_minus(l, z_t) : 0.0;
+  // (A slice of the vocabulary that holds no class adds nothing, even with an lse of -inf.)
+  if (eps > 0 && weight_sum != 0) ce += eps / V * weighted_lse_minus_z(l, weight_sum, s.sum_wz, s.gap);
+  return ce;
+}
+
+// Cross-entropy of a row with probability targets: sum_c w_c y'_c (lse - z_c).
+FASTCE_RULE double prob_row_loss(const RowLse& l, const RowSums& s) {
+  return weighted_lse_minus_z(l, s.sum_wy, s.sum_wyz, s.gap);
+}
+
+// The z-loss of a row (PaLM): lse_square_scale * lse^2, times the row's weight.
+FASTCE_RULE double z_loss(double lse_square_scale, double row_weight, double lse) {
+  return lse_square_scale > 0 ? lse_square_scale * row_weight * lse * lse : 0.0;
+}
+
+// ---- the reduction ------------------------------------------------------------------------
+// 'mean' divides by the total weight: the sum of the non-ignored rows' target weights (their
+// count without class weights; the row count for probability targets). Nothing to average
+// gives 0 / 0 = NaN, as torch.
+FASTCE_RULE double reduce_sum(double sum, double total_weight, int64_t reduction) {
+  if (reduction != kMean) return sum;
+  return total_weight == 0.0 ? NAN : sum / total_weight;
+}
+// What the incoming gradients are divided by (total_weight as the op's output holds it).
+FASTCE_RULE double grad_divisor(double total_weight, int64_t reduction) {
+  return reduction == kMean ? total_weight : 1.0;
+}
+
+// ---- a row's gradient ---------------------------------------------------------------------
+// The gradient of a row in z-space is
+//   p_c * coef_p - w_c * (coef_w + coef_wy * y_c) - coef_target * [c == target]
+// with p = softmax(z) = exp(z - lse_shift - lse). The incoming gradients, the reduction,
+// label smoothing and the z-loss are folded into these coefficients here.
+struct GradCoef {
+  double lse_shift;     // see RowLse
+  double lse;
+  double coef_p;
+  double coef_w;
+  double coef_wy;       // probability targets only
+  int64_t target;       // class-index targets: the target's index in this input, else -1
+  double coef_target;
+  double coef_grad_y;   // probability targets: d loss / d y_c = coef_grad_y * w_c * (lse - z_c)
+};
+
+// g, g_z: the incoming gradients of the row's loss and z-loss, already divided by the
+// mean's divisor. w_r: the row's weight (target weight, 1 for probability targets);
+// weight_sum_all = sum_c w_c over the whole vocabulary of V classes; sum_wy: probability
+// targets' sum_c w_c y_c (unsmoothed); target: index in this input or -1.
+FASTCE_RULE GradCoef grad_coef(const RowLse& l, double g, double g_z, bool prob, double w_r, int64_t target,
+                               double eps, double V, double weight_sum_all, double lse_square_scale,
+                               double sum_wy) {
+  const double smooth = eps > 0 ? eps / V * weight_sum_all : 0.0;
+  const double zl = 2.0 * lse_square_scale * full(l) * (g + g_z);
+  GradCoef k{};
+  k.lse_shift = l.shift;
+  k.lse = l.rel;
+  k.coef_w = eps > 0 ? g * eps / V : 0.0;
+  if (prob) {
+    k.coef_p = g * ((1.0 - eps) * sum_wy + smooth) + zl;
+    k.coef_wy = g * (1.0 - eps);
+    k.coef_grad_y = g * (1.0 - eps);
+    k.target = -1;
+  } else {
+    k.coef_p = g * ((1.0 - eps) * w_r + smooth) + w_r * zl;
+    k.target = target;
+    k.coef_target = g * (1.0 - eps) * w_r;
+  }
+  return k;
+}
+
+}  // namespace fastce
