@@ -1,6 +1,7 @@
 #include "problem.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace fastce {
@@ -156,8 +157,25 @@ Problem prepare(const Tensor& input, const Tensor& target, const std::optional<T
   return p;
 }
 
-Tensor new_grad2d(const Problem& p, const Tensor& input) {
-  return empty_on(input, {p.rows, p.classes}, p.dtype);
+Tensor host_empty(IntArrayRef shape, ScalarType dtype) {
+  // malloc and a deleter rather than aten::empty: the stable ABI reaches torch's ops through
+  // the boxed dispatcher (~1.5 us a call), and a small batch's op makes five outputs.
+  constexpr size_t kAlign = 64;
+  int64_t numel = 1;
+  std::vector<int64_t> strides(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    strides[d] = numel;
+    numel *= shape[d];
+  }
+  const size_t bytes = (std::max<size_t>(size_t(numel) * element_size(dtype), 1) + kAlign - 1) / kAlign * kAlign;
+  void* data = std::aligned_alloc(kAlign, bytes);
+  FASTCE_CHECK(data != nullptr, "fastce: not enough memory: you tried to allocate ", bytes, " bytes.");
+  return torch::stable::from_blob(data, shape, IntArrayRef(strides), torch::stable::Device(DeviceType::CPU), dtype,
+                                  &std::free);
+}
+
+Tensor empty_on(const Tensor& like, IntArrayRef shape, ScalarType dtype) {
+  return like.is_cpu() ? host_empty(shape, dtype) : torch::stable::new_empty(like, shape, dtype);
 }
 
 Tensor grad_to_input_layout(const Tensor& grad2d, const Tensor& input) {
@@ -188,9 +206,7 @@ std::vector<double> to_doubles(const Tensor& t, int64_t count, const char* what)
 
 Tensor from_doubles(const std::vector<double>& values, IntArrayRef shape, ScalarType dtype, const Tensor& like) {
   const bool on_cpu = like.is_cpu();
-  Tensor out = on_cpu ? empty_on(like, shape, dtype)
-                      : torch::stable::new_empty(like, shape, dtype, std::nullopt,
-                                                 torch::stable::Device(DeviceType::CPU));
+  Tensor out = host_empty(shape, dtype);
   const int64_t n = int64_t(values.size());
   switch (dtype) {
     case ScalarType::Double: std::memcpy(out.mutable_data_ptr<double>(), values.data(), n * sizeof(double)); break;

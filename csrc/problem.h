@@ -28,9 +28,6 @@ struct Problem {
 Problem prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                 const LossOptions& opt);
 
-// A new (rows, classes) gradient buffer for `p` on `input`'s device.
-Tensor new_grad2d(const Problem& p, const Tensor& input);
-
 // Gives a (rows, classes) gradient the shape and layout of `input` (contiguous).
 Tensor grad_to_input_layout(const Tensor& grad2d, const Tensor& input);
 

@@ -106,9 +106,11 @@ inline std::vector<int64_t> shape_of(const Tensor& t) {
   return std::vector<int64_t>(s.begin(), s.end());
 }
 
-inline Tensor empty_on(const Tensor& like, IntArrayRef shape, ScalarType dtype) {
-  return torch::stable::new_empty(like, shape, dtype);
-}
+// An uninitialized contiguous tensor on the host.
+Tensor host_empty(IntArrayRef shape, ScalarType dtype);
+
+// An uninitialized contiguous tensor on `like`'s device.
+Tensor empty_on(const Tensor& like, IntArrayRef shape, ScalarType dtype);
 
 // A 0-d or 1-d tensor's values as doubles (copied to the host first when needed).
 std::vector<double> to_doubles(const Tensor& t, int64_t count, const char* what);
