@@ -3,7 +3,8 @@
 # Builds fastce's wheel with `python -m build --wheel --no-isolation` against the torch installed
 # for $PYTHON (default python3), tags and checks it with scripts/wheel_audit.sh, and prints the
 # path of the result (fastce-<version>-cp310-abi3-manylinux_<glibc>_<arch>.whl in OUT_DIR, default
-# dist/). FORCE_CUDA=1 and the other switches of setup.py apply; MAX_JOBS defaults to 2.
+# dist/). FORCE_CUDA=1 and the other switches of setup.py apply (CUDA_HOME defaults to the
+# toolkit of the `nvcc` on PATH); MAX_JOBS defaults to 2.
 # The build reuses build/ (ninja keeps up-to-date objects), e.g. after `pip install .`.
 set -euo pipefail
 
@@ -13,6 +14,12 @@ py=${PYTHON:-python3}
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/fastce-wheel.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+
+if [ "${FORCE_CUDA:-0}" = 1 ] && [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  # `nvcc` may be a wrapper outside the toolkit: ask it where it really runs from.
+  nvcc_bin=$(nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n1)
+  [ -n "$nvcc_bin" ] && export CUDA_HOME=$(dirname "$nvcc_bin")
+fi
 
 versions=$("$py" -c "import sys, torch; print(f'torch {torch.__version__}, Python {sys.version.split()[0]}')")
 start=$(date +%s)

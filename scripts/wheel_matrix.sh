@@ -5,10 +5,11 @@
 # python3); a given WHEEL is audited the same way (scripts/wheel_audit.sh).
 #
 # For each combination: a venv with that Python and torch (scripts/test_venv.sh creates it
-# when missing), the wheel installed with CC=false CXX=false and --only-binary (any attempt to
-# compile fails), then the whole suite, tests/ by path, from an empty directory: the source
-# tree's python/ is not on sys.path, so the installed wheel is what runs. Prints a table; exits
-# non-zero if any combination failed (pytest's "no tests ran", exit 5, counts as failed).
+# when missing), the wheel installed without a compiler (scripts/install_wheel.sh, which also
+# says which compiled modules loaded), then the whole suite, tests/ by path, from an empty
+# directory: the source tree's python/ is not on sys.path, so the installed wheel is what runs.
+# Prints a table; exits non-zero if any combination failed (pytest's "no tests ran", exit 5,
+# counts as failed).
 #
 # Environment:
 #   FASTCE_MATRIX   the combinations, "PYTHON:TORCH ..." (default: the full matrix below)
@@ -45,43 +46,36 @@ for combo in $FASTCE_MATRIX; do
   py=${combo%%:*} torch_version=${combo#*:}
   log="$work/py$py-torch$torch_version.log"
   start=$(date +%s)
-  result=""
+  result="" modules=""
   if ! venv=$("$root/scripts/test_venv.sh" "$py" "$torch_version" 2> "$log"); then
     result="FAIL: venv (torch $torch_version, Python $py)"
-  elif ! CC=false CXX=false "$venv/bin/python" -m pip install -q --no-deps --only-binary=:all: \
-      --force-reinstall "$wheel" >> "$log" 2>&1; then
-    result="FAIL: pip install"
+  elif ! modules=$("$root/scripts/install_wheel.sh" "$venv" "$wheel" 2>> "$log"); then
+    result="FAIL: install or import"
   else
     mkdir -p "$work/run"
-    # Which fastce the suite imports: the venv's, not a source tree's.
-    where=$(cd "$work/run" && "$venv/bin/python" -c "import fastce; print(fastce.__file__)" 2>> "$log") || true
-    if [[ "$where" != "$venv"/* ]]; then
-      result="FAIL: import fastce (${where:-failed})"
-    else
-      set +e
-      (cd "$work/run" && timeout "${FASTCE_TEST_TIMEOUT:-1200}" "$venv/bin/python" -m pytest -q \
-        -p no:cacheprovider "$root/tests" "${pytest_args[@]}") >> "$log" 2>&1
-      rc=$?
-      set -e
-      # pytest's closing line, e.g. "1090 passed, 12 skipped in 95.31s (0:01:35)".
-      summary=$(grep -E " in [0-9.]+s( \([0-9:]+\))?( =+)?$" "$log" | tail -n1 | sed -E 's/^=+ *//; s/ in [0-9.]+s.*//')
-      case $rc in
-        0) result="ok: $summary" ;;
-        5) result="FAIL: no tests ran" ;;
-        124) result="FAIL: timed out; $summary" ;;
-        *) result="FAIL (exit $rc): $summary" ;;
-      esac
-    fi
+    set +e
+    (cd "$work/run" && timeout "${FASTCE_TEST_TIMEOUT:-1200}" "$venv/bin/python" -m pytest -q \
+      -p no:cacheprovider "$root/tests" "${pytest_args[@]}") >> "$log" 2>&1
+    rc=$?
+    set -e
+    # pytest's closing line, e.g. "1090 passed, 12 skipped in 95.31s (0:01:35)".
+    summary=$(grep -E " in [0-9.]+s( \([0-9:]+\))?( =+)?$" "$log" | tail -n1 | sed -E 's/^=+ *//; s/ in [0-9.]+s.*//')
+    case $rc in
+      0) result="ok: $summary" ;;
+      5) result="FAIL: no tests ran" ;;
+      124) result="FAIL: timed out; $summary" ;;
+      *) result="FAIL (exit $rc): $summary" ;;
+    esac
   fi
   secs=$(( $(date +%s) - start ))
   [[ $result == ok* ]] || { failed=1; tail -n 30 "$log" | sed "s/^/  [py$py torch$torch_version] /"; }
-  echo "wheel_matrix: Python $py, torch $torch_version: $result ($secs s)"
-  rows+=("$(printf '| %-6s | %-7s | %-60s | %5s |' "$py" "$torch_version" "$result" "$secs")")
+  echo "wheel_matrix: Python $py, torch $torch_version: $result (modules loaded: ${modules:-none}; $secs s)"
+  rows+=("$(printf '| %-6s | %-7s | %-10s | %-60s | %5s |' "$py" "$torch_version" "$modules" "$result" "$secs")")
 done
 
 echo
 echo "wheel_matrix: $(basename "$wheel")"
-printf '| %-6s | %-7s | %-60s | %5s |\n' Python torch result "s"
-echo "|--------|---------|--------------------------------------------------------------|-------|"
+printf '| %-6s | %-7s | %-10s | %-60s | %5s |\n' Python torch loaded result "s"
+echo "|--------|---------|------------|--------------------------------------------------------------|-------|"
 printf '%s\n' "${rows[@]}"
 exit $failed
