@@ -63,7 +63,11 @@ def sources(module):
 def extensions():
     debug, sanitize = flag("FASTCE_DEBUG"), flag("FASTCE_SANITIZE")
     opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
-    cxx = opt + STABLE_ABI + ["-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
+    # Hidden symbols: a module exports only its PyInit_ (torch reaches the kernels through the
+    # registrations), so nothing in it can interpose on, or be interposed by, the other module or
+    # another extension in the process.
+    hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    cxx = opt + STABLE_ABI + hidden + ["-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     # Debug information is 90% of an optimized build's size (python's own CFLAGS add -g): a wheel
     # ships without it, FASTCE_DEBUG and FASTCE_SANITIZE keep it.
     link = [] if debug or sanitize else ["-Wl,--strip-debug"]
@@ -86,7 +90,7 @@ def extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         # USE_CUDA: the stable shim declares its CUDA entry points (the current stream, among
         # others) only under it. No fast-math: logf/tanhf stay exact.
-        nvcc = opt + STABLE_ABI + ["-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = opt + STABLE_ABI + [f"-Xcompiler={f}" for f in hidden] + ["-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
         if flag("FASTCE_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")
         modules.append(CUDAExtension(
