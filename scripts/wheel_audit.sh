@@ -43,7 +43,7 @@ auditwheel repair -w "$work/repaired" "${excludes[@]/#/--exclude=}" "$wheel" > "
   || { cat "$work/repair.log" >&2; fail "auditwheel repair"; }
 tagged=$(ls "$work"/repaired/*.whl)
 auditwheel show --json "$tagged" > "$work/show.json" 2>/dev/null || fail "auditwheel show"
-abi3audit --strict --summary --verbose "$tagged" > "$work/abi3audit.log" 2>&1 \
+COLUMNS=200 abi3audit --strict --summary --verbose "$tagged" > "$work/abi3audit.log" 2>&1 \
   || { cat "$work/abi3audit.log" >&2; fail "abi3audit found limited-API violations"; }
 mkdir "$work/tree"
 "$tools/bin/python" -m zipfile -e "$tagged" "$work/tree"
@@ -99,7 +99,7 @@ for e in errors:
     print(f"wheel_audit: {e}", file=sys.stderr)
 sys.exit(1 if errors else 0)
 EOF
-sed -n 's/^/wheel_audit: abi3audit: /p' "$work/abi3audit.log" | grep -v "^wheel_audit: abi3audit: *$" | tail -n 2 >&2
+echo "wheel_audit: abi3audit: $(grep -E "extensions? scanned" "$work/abi3audit.log" | sed -E "s/^\\[[0-9:]+\\] *//; s/ +$//")" >&2
 
 mkdir -p "$out"
 cp "$tagged" "$out/"
