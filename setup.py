@@ -101,11 +101,24 @@ def extensions():
     return modules
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Also deletes the file of a module this build leaves out (fastce._C_cuda, after a CUDA build in
+    the same tree): setuptools would package the stale copy from build/lib, and an --inplace one
+    would be imported from python/fastce."""
+
+    def run(self):
+        super().run()
+        for name in SOURCES.keys() - {ext.name for ext in self.extensions}:
+            stem = os.path.join(os.path.dirname(self.get_ext_fullpath(name)), name.rsplit(".", 1)[1])
+            for stale in glob.glob(stem + ".*so"):
+                os.remove(stale)
+
+
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     # The wheel's tag: cp310-abi3 (the modules above are built with py_limited_api=True).
     options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
 )
