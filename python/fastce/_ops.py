@@ -232,9 +232,9 @@ def _cheap_apply(function):
 
     The wrapper binds default arguments through ``inspect.signature`` on every call (~15 us,
     half a 64x10 batch's forward+backward); its other work, routing torch.func transforms and
-    unwrapping tensors that escaped one, is kept: a transform takes the public path, and
-    escaped tensors are unwrapped as the wrapper does. A torch without these internals gets
-    the public path always."""
+    unwrapping tensors that escaped one, is kept: a transform (and torch.compile) takes the
+    public path, and escaped tensors are unwrapped as the wrapper does. A torch without these
+    internals gets the public path always."""
     raw = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
     try:
         from torch._functorch.utils import unwrap_dead_wrappers
@@ -245,7 +245,7 @@ def _cheap_apply(function):
     raw_apply = raw.__get__(None, function)
 
     def apply(*args):
-        if _functorch_active():
+        if _functorch_active() or torch.compiler.is_compiling():  # (dynamo traces the public one)
             return function.apply(*args)
         return raw_apply(*unwrap_dead_wrappers(args))
     return apply
