@@ -144,3 +144,22 @@ def test_grad_scale_must_be_a_number():
     x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises((TypeError, RuntimeError)):
         ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False, True, "half")
+
+
+def test_compile_calls_the_backend_once():
+    # Float options (label_smoothing, logit_scale, ...) must not make dynamo restart its
+    # analysis and compile the function twice on its first call.
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    def loss_fn(x, t, w):
+        return fastce.cross_entropy(x, t, weight=w, ignore_index=0, label_smoothing=0.05, logit_scale=0.9)
+
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True, dynamic=True)
+    x = torch.randn(8, 10, requires_grad=True)
+    t, w = torch.randint(0, 10, (8,)), torch.rand(10)
+    compiled(x, t, w).backward()
+    compiled(torch.randn(5, 10, requires_grad=True), torch.randint(0, 10, (5,)), w).backward()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled(x, t, w), loss_fn(x, t, w))
