@@ -209,7 +209,9 @@ Tensor from_doubles(const std::vector<double>& values, IntArrayRef shape, Scalar
   Tensor out = host_empty(shape, dtype);
   const int64_t n = int64_t(values.size());
   switch (dtype) {
-    case ScalarType::Double: std::memcpy(out.mutable_data_ptr<double>(), values.data(), n * sizeof(double)); break;
+    case ScalarType::Double:
+      if (n > 0) std::memcpy(out.mutable_data_ptr<double>(), values.data(), n * sizeof(double));
+      break;
     case ScalarType::Float: {
       float* o = out.mutable_data_ptr<float>();
       for (int64_t i = 0; i < n; ++i) o[i] = float(values[i]);

@@ -1,4 +1,5 @@
-"""Bad input raises what torch raises: same exception type, same message."""
+"""Bad input raises what torch raises: same exception type, same message (the running torch's:
+its wording and the order of its checks vary between versions)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,9 +59,7 @@ def test_same_error_as_torch(name, args, kwargs):
     with pytest.raises(Exception) as ours:
         fastce.cross_entropy(*args, **kwargs)
     assert ours.type is theirs.type, (ours.value, theirs.value)
-    if name == "integer input":  # torch names its internal kernel; we name the op
-        assert str(ours.value) == "\"cross_entropy\" not implemented for 'Long'"
-    elif name == "weight requires grad":
+    if name == "weight requires grad":
         assert "not differentiable with respect to argument 'weight'" in str(ours.value)
     else:
         assert str(ours.value).split("\n")[0] == str(theirs.value).split("\n")[0]

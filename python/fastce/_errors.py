@@ -2,7 +2,7 @@
 
 Across the LibTorch stable ABI a C++ exception reaches Python as RuntimeError carrying its
 message. The kernels tag the message of an error that torch raises as another type
-("[fastce:IndexError] Target 7 is out of bounds."); ``torch_errors`` re-raises it as that
+("[fastce:IndexError] Target 7 is out of bounds."); ``fastce._ops.call`` re-raises it as that
 type with the tag removed, so fastce raises what ``torch.nn.functional.cross_entropy`` does.
 """
 import re
@@ -12,25 +12,29 @@ _TYPES = {"ValueError": ValueError, "IndexError": IndexError, "TypeError": TypeE
           "NotImplementedError": NotImplementedError}
 
 
-def _retyped(error):
+def retyped(error):
+    """The exception torch raises for a kernel's RuntimeError, or None when it is untagged."""
     message = str(error)
     tag = _TAG.search(message)
     if tag is None:
         return None
-    # torch may append context after the message (e.g. the op's name): keep what follows.
-    return _TYPES[tag.group(1)](message[tag.end():].split("\n", 1)[0] if "\n" in message[tag.end():]
-                                else message[tag.end():])
+    # the kernel's message is one line; torch may add context lines after it
+    return _TYPES[tag.group(1)](message[tag.end():].split("\n", 1)[0])
 
 
-class torch_errors:
-    """Context manager: re-raises the kernels' tagged RuntimeErrors as torch's types."""
+def raise_as_torch(error, torch_call):
+    """Raises what the running torch raises for the same call (``torch_call``), else ``error``.
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if kind is RuntimeError:
-            retyped = _retyped(error)
-            if retyped is not None:
-                raise retyped from None
-        return False
+    For an argument error of the public API: torch's wording and the order of its checks vary
+    between versions (torch 2.11 says "expected scalar type Long but found Float" where 2.13
+    says "expected target dtype to be Long or Byte, but got Float"), and a drop-in raises what
+    the torch it runs with raises. Runs on the error path only."""
+    if "out of memory" in str(error):
+        raise error
+    import torch
+    try:
+        with torch.no_grad():
+            torch_call()
+    except Exception as theirs:  # torch's own exception, as torch raised it
+        raise theirs.with_traceback(None) from None
+    raise error

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.fastce.*)
-from ._errors import torch_errors
+from ._errors import retyped
 
 ops = torch.ops.fastce
 
@@ -83,6 +83,38 @@ def _backward_inplace_fake(*args, **kwargs):
     return None
 
 
+# ---- calling the ops -------------------------------------------------------------------------
+
+# The autograd registered with torch.library is a Python kernel at the Autograd key: it runs
+# (and redispatches) on every call of the op, ~4 us, also where nothing needs a gradient.
+# Where autograd has nothing to record (no input needs a gradient, or inside the Function
+# that records the step), a plain eager call goes below it. torch has no public form of this
+# guard; without it the calls take the Autograd key.
+_BelowAutograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+# Under a torch.func transform the incoming gradient may be batched (no single value), and
+# the transform's levels must see every call.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _plain_eager():
+    return not torch.compiler.is_compiling() and not _functorch_active()
+
+
+def call(op, *args, **kwargs):
+    """op(*args, **kwargs) where autograd has nothing to record, with torch's exception types
+    (fastce._errors)."""
+    try:
+        if _BelowAutograd is not None and _plain_eager():
+            with _BelowAutograd():
+                return op(*args, **kwargs)
+        return op(*args, **kwargs)
+    except RuntimeError as error:
+        typed = retyped(error)
+        if typed is None:
+            raise
+        raise typed from None
+
+
 # ---- autograd --------------------------------------------------------------------------------
 
 def _tracing(t):
@@ -120,16 +152,17 @@ def _backward(ctx, grad_loss, grad_z_loss, *_grads_of_non_differentiable_outputs
     # With create_graph=True the gradient must not be the logits tensor itself, and the
     # backward op must go through autograd (which refuses double backward).
     if ctx.inplace_backward and not torch.is_grad_enabled() and not _tracing(input):
-        with torch_errors():
-            ops.cross_entropy_backward_inplace.default(grad_loss, grad_z_loss, input, target, weight, lse,
-                                                       total_weight, *ctx.options)
+        call(ops.cross_entropy_backward_inplace.default, grad_loss, grad_z_loss, input, target, weight, lse,
+             total_weight, *ctx.options)
         # The logits now hold their gradient: make autograd reject any later use of them.
         torch.autograd.graph.increment_version(input)
         return input, None
     want_target_grad = ctx.needs_input_grad[1]
-    with torch_errors():
-        grad_input, grad_target = ops.cross_entropy_backward.default(
-            grad_loss, grad_z_loss, input, target, weight, lse, total_weight, *ctx.options, want_target_grad)
+    args = (grad_loss, grad_z_loss, input, target, weight, lse, total_weight, *ctx.options, want_target_grad)
+    if torch.is_grad_enabled():  # create_graph=True: through autograd, which refuses double backward
+        grad_input, grad_target = ops.cross_entropy_backward.default(*args)
+    else:
+        grad_input, grad_target = call(ops.cross_entropy_backward.default, *args)
     return (grad_input if ctx.needs_input_grad[0] else None), (grad_target if want_target_grad else None)
 
 
@@ -173,14 +206,11 @@ def _saved_tensor_hooks_probe():
 
 
 _saved_tensor_hooks_active = _saved_tensor_hooks_probe()
-# Under a torch.func transform the incoming gradient may be batched (no single value).
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def _gradient_in_forward(input, target, options, inplace_backward):
     return (options.reduction != _NONE and not inplace_backward and input.is_cpu
-            and type(input) is torch.Tensor and not target.requires_grad
-            and not torch.compiler.is_compiling() and not _functorch_active()
+            and type(input) is torch.Tensor and not target.requires_grad and _plain_eager()
             and not _saved_tensor_hooks_active())
 
 
@@ -202,8 +232,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, options, inplace_backward, compute_grad):
-        with torch_errors():
-            return ops.cross_entropy_forward.default(input, target, weight, *options, compute_grad)
+        return call(ops.cross_entropy_forward.default, input, target, weight, *options, compute_grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -245,7 +274,7 @@ def _cheap_apply(function):
     raw_apply = raw.__get__(None, function)
 
     def apply(*args):
-        if _functorch_active() or torch.compiler.is_compiling():  # (dynamo traces the public one)
+        if not _plain_eager():  # (dynamo traces the public one)
             return function.apply(*args)
         return raw_apply(*unwrap_dead_wrappers(args))
     return apply
@@ -258,7 +287,6 @@ def cross_entropy_loss(input, target, weight, options, inplace_backward=False):
     """(loss, z_loss) of the forward op with these LossOptions, differentiable."""
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     if not needs_grad:
-        with torch_errors():
-            return ops.cross_entropy_forward.default(input, target, weight, *options)[:2]
+        return call(ops.cross_entropy_forward.default, input, target, weight, *options)[:2]
     compute_grad = input.requires_grad and _gradient_in_forward(input, target, options, inplace_backward)
     return _apply_cross_entropy(input, target, weight, options, inplace_backward, compute_grad)[:2]

@@ -4,7 +4,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._errors import raise_as_torch
 from ._ops import REDUCTIONS, LossOptions, cross_entropy_loss
+
+_ARGUMENT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
+
+
+def as_torch_target(target):
+    """The target as torch takes it: fastce also takes int32 class indices."""
+    return target.long() if target.dtype == torch.int32 else target
 
 
 def _legacy_reduction(size_average, reduce):
@@ -88,7 +96,12 @@ def cross_entropy(
                 "gradient; pass a tensor computed in the graph (e.g. the output of the LM head)")
     options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
                           None if softcap is None else float(softcap), float(lse_square_scale))
-    loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward))
+    try:
+        loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward))
+    except _ARGUMENT_ERRORS as error:
+        raise_as_torch(error, lambda: torch.nn.functional.cross_entropy(
+            input, as_torch_target(target), weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing))
     if return_z_loss:
         return loss, z_loss
     return loss

@@ -19,9 +19,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._errors import torch_errors
-from ._ops import LossOptions, _tracing, ops
-from .functional import _reduction_enum
+from ._errors import raise_as_torch
+from ._ops import LossOptions, _tracing, call, ops
+from .functional import _ARGUMENT_ERRORS, _reduction_enum, as_torch_target
 
 _NONE, _MEAN, _SUM = 0, 1, 2
 
@@ -90,8 +90,7 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
     grads = grad_loss is not None
     # The kernel checks the arguments (weight, target dtype, options) on zero rows first,
     # so that bad ones are reported by it, not by the tensor ops below.
-    with torch_errors():
-        ops.cross_entropy_forward(buf[:0].view(0, classes, *spatial), target[:0], weight, *opts)
+    call(ops.cross_entropy_forward.default, buf[:0].view(0, classes, *spatial), target[:0], weight, *opts)
     total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
     if forward:
         loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
@@ -119,8 +118,7 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
         logits = logits2d.view(end - start, classes, *spatial)
         if forward:
             # 'mean' is summed here and divided by the global total weight at the end.
-            with torch_errors():
-                loss_c, _, lse_c = ops.cross_entropy_forward(logits, t_c, weight, *sum_opts)[:3]
+            loss_c, _, lse_c = call(ops.cross_entropy_forward.default, logits, t_c, weight, *sum_opts)[:3]
             lse[start:end] = lse_c
             if reduction == _NONE:
                 loss[start:end] = loss_c
@@ -131,12 +129,11 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
         g_c = grad_loss[start:end] if reduction == _NONE else grad_loss
         z_c = zero[start:end] if reduction == _NONE else zero
         args = (g_c, z_c, logits, t_c, weight, lse[start:end], total_weight, *opts)
-        with torch_errors():
-            if inplace:
-                ops.cross_entropy_backward_inplace(*args)
-                grad2d = logits2d
-            else:
-                grad2d = ops.cross_entropy_backward(*args)[0].view(end - start, -1)
+        if inplace:
+            call(ops.cross_entropy_backward_inplace.default, *args)
+            grad2d = logits2d
+        else:
+            grad2d = call(ops.cross_entropy_backward.default, *args)[0].view(end - start, -1)
         if want_x:
             torch.mm(grad2d, w2, out=gx[start:end])
         if want_w:
@@ -370,12 +367,19 @@ def linear_cross_entropy(
     if prob and t.dtype != input.dtype:
         t = t.to(input.dtype)
     grad = torch.is_grad_enabled()
-    loss = _forward_op(
-        x, linear_weight, linear_bias, t, weight, reduction_enum, ignore_index,
-        float(label_smoothing), float(logit_scale), None if softcap is None else float(softcap),
-        float(lse_square_scale), chunk_size, grad and input.requires_grad,
-        grad and linear_weight.requires_grad,
-        grad and linear_bias is not None and linear_bias.requires_grad)[0]
+    try:
+        loss = _forward_op(
+            x, linear_weight, linear_bias, t, weight, reduction_enum, ignore_index,
+            float(label_smoothing), float(logit_scale), None if softcap is None else float(softcap),
+            float(lse_square_scale), chunk_size, grad and input.requires_grad,
+            grad and linear_weight.requires_grad,
+            grad and linear_bias is not None and linear_bias.requires_grad)[0]
+    except _ARGUMENT_ERRORS as error:
+        if spatial:
+            raise
+        raise_as_torch(error, lambda: torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(input, linear_weight, linear_bias), as_torch_target(target), weight,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing))
     if reduction_enum == _NONE:
         loss = loss.reshape((*batch, *spatial))
     return loss

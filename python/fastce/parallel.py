@@ -22,8 +22,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from ._errors import torch_errors
-from ._ops import LossOptions, ops
+from ._ops import LossOptions, call, ops
 from .functional import _reduction_enum
 
 _NONE, _MEAN, _SUM = 0, 1, 2
@@ -65,10 +64,9 @@ class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
     def forward(logits, target, options, group):
         shard_classes = logits.shape[0 if logits.dim() == 1 else 1]
-        with torch_errors():
-            loss_k, _, lse_k, total_weight, _ = ops.cross_entropy_forward.default(
-                logits, target, None, *options._replace(reduction=_NONE, lse_square_scale=0.0),
-                loss_dtype=torch.float64)
+        loss_k, _, lse_k, total_weight, _ = call(
+            ops.cross_entropy_forward.default, logits, target, None,
+            *options._replace(reduction=_NONE, lse_square_scale=0.0), loss_dtype=torch.float64)
         m = _all_reduce(lse_k.clone(), "max", group)
         m = torch.where(torch.isfinite(m), m, 0.0)  # rows that hold nothing anywhere: NaN below
         weight = _lse_weight(target, options, shard_classes)
@@ -94,10 +92,8 @@ class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *_):
         logits, target, lse, total_weight = ctx.saved_tensors
-        with torch_errors():
-            grad_logits, _ = ops.cross_entropy_backward.default(
-                grad, torch.zeros_like(grad), logits, target, None, lse, total_weight,
-                *ctx.options._replace(reduction=_NONE))
+        grad_logits, _ = call(ops.cross_entropy_backward.default, grad, torch.zeros_like(grad), logits, target,
+                              None, lse, total_weight, *ctx.options._replace(reduction=_NONE))
         return grad_logits, None, None, None
 
 
