@@ -494,12 +494,21 @@ def add_speedups(results):
 # ---------------------------------------------------------------------------------------------
 # Report: machine, table, files, chart
 
+def load_average():
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 1)
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(device, threads):
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": threads or torch.get_num_threads(), "cpu_isa": fastce.cpu_isa(),
             "torch": torch.__version__, "fastce": fastce.__version__,
-            "python": platform.python_version(), "os": platform.platform(), "device": device}
+            "python": platform.python_version(), "os": platform.platform(), "device": device,
+            "load_avg": load_average()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
@@ -522,7 +531,7 @@ def machine_info(device, threads):
 
 def print_header(report):
     m, roof = report["machine"], report["roofline"]
-    keys = ["date", "cpu", "cores", "torch_threads", "cpu_isa", "torch", "fastce", "python", "device",
+    keys = ["date", "cpu", "cores", "load_avg", "torch_threads", "cpu_isa", "torch", "fastce", "python", "device",
             "gpu", "gpu_memory_gib", "cuda", "driver", "fastce_cuda_kernels"]
     print("fastce benchmark  " + "  ".join(f"{k}={m[k]}" for k in keys if k in m))
     line = (f"roofline ({roof['buffer_bytes'] / 2**20:.0f} MiB buffers): read {roof['read_gbps']:.1f} GB/s, "
@@ -586,6 +595,22 @@ def _case(r):
     return r["rows"], r["classes"], r["dtype"]
 
 
+def print_load_warning(machine):
+    """Other processes on the cores make a parallel region wait for a core in every run alike,
+    often by a whole scheduler slice: a steady spread does not show it. The 1-minute load
+    average before the timings counts the others; after them it counts this run's threads too."""
+    if machine.get("device") != "cpu" or machine.get("load_avg") is None:
+        return
+    threads = machine["torch_threads"]
+    others = max(machine["load_avg"], (machine.get("load_avg_end") or 0.0) - threads)
+    if others + threads > machine["cores"] + 0.5:
+        load = max(machine["load_avg"], machine.get("load_avg_end") or 0.0)
+        print(f"WARNING: other processes kept the cores busy (load average {load:.1f} on {machine['cores']} "
+              f"cores, {threads} timing threads): a parallel region waits for a core in every run (times in "
+              f"multiples of the scheduler's slice, ratios near 1), which the spreads do not show. Use a "
+              f"quiet machine, or --threads 1.")
+
+
 def print_table(report):
     results = report["results"]
     by = {(*_case(r), r["pass"], r["variant"]): r for r in results}
@@ -623,6 +648,7 @@ def print_table(report):
     if missing:
         print("not run: " + "; ".join(missing))
     print_spread_warning(results)
+    print_load_warning(report["machine"])
     print("fwd+bwd is timed from logits that are a graph output (as an LM head's) to the gradient "
           "w.r.t. them; fastce_inplace gets a fresh copy of the logits, made before the timer starts "
           "and freed after it stops (the copy stands for the LM head's output).")
@@ -798,6 +824,7 @@ def main(argv=None):
             if r["pass"] == "fwd+bwd" and extra is not None:
                 r["peak_extra_bytes"] = extra
                 r["peak_extra_ratio"] = extra / r["logits_bytes"] if isinstance(extra, int) else None
+    report["machine"]["load_avg_end"] = load_average()
     report["results"] = results
     print_table(report)
     write_files(report, args.out)

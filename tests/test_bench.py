@@ -138,6 +138,21 @@ def test_table_shows_spreads_and_warns_when_wide(capsys):
     assert "spread: every timing's IQR/median is within 25% (largest 10%)" in out
 
 
+def test_a_loaded_machine_is_named(capsys):
+    # Every run of a parallel region waiting for a busy core: a steady spread, a wrong time.
+    # load_avg: before the timings (others only); load_avg_end: after them, counting the
+    # benchmark's own torch_threads
+    machine = {"device": "cpu", "cores": 2, "torch_threads": 2, "load_avg": 0.3, "load_avg_end": 6.6}
+    bench.print_load_warning(machine)
+    assert "WARNING: other processes kept the cores busy (load average 6.6 on 2 cores" in capsys.readouterr().out
+    bench.print_load_warning({**machine, "load_avg": 1.2, "load_avg_end": 0.4})
+    assert "load average 1.2 on 2 cores" in capsys.readouterr().out
+    bench.print_load_warning({**machine, "load_avg_end": 2.2})
+    bench.print_load_warning({**machine, "device": "cuda"})
+    bench.print_load_warning({"device": "cpu", "cores": 2, "torch_threads": 2, "load_avg": None})
+    assert capsys.readouterr().out == ""
+
+
 def test_quick_check_of_the_package_reports_spreads(capsys):
     # `python -m fastce` runs from an installed package: its speed check needs no benchmarks/.
     measured = quick_check.speed_check(rows=16, vocab=64, repeats=5)
@@ -149,6 +164,14 @@ def test_quick_check_of_the_package_reports_spreads(capsys):
     widest = max(s for _, *cells in measured for _, s in cells)
     assert ("WARNING: the repeats vary" in out) == (widest > quick_check.SPREAD_WARN)
     assert "python benchmarks/bench.py" in out
+
+
+def test_quick_check_names_busy_cores():
+    # the load average counts the check's own threads: 2 of them on an idle 2-core machine give ~2
+    assert "load average 6.6 on 2 cores" in quick_check.busy_cores_warning(load=6.6, cores=2, threads=2)
+    assert quick_check.busy_cores_warning(load=2.3, cores=2, threads=2) is None
+    assert quick_check.busy_cores_warning(load=2.0, cores=2, threads=1) is None  # one core left for one thread
+    assert "load average 3.0 on 2 cores" in quick_check.busy_cores_warning(load=3.0, cores=2, threads=1)
 
 
 def test_spread_of_interleaved_timings():

@@ -1,4 +1,5 @@
 """`python -m fastce`: the worked example users know, then a quick speed check against torch."""
+import os
 import statistics
 import time
 
@@ -56,6 +57,23 @@ def median_and_spread(times):
     return median, (q3 - q1) / median
 
 
+def busy_cores_warning(load=None, cores=None, threads=None):
+    """A warning when other processes keep the cores busy: the 1-minute load average, less this
+    check's own threads, leaves fewer idle cores than the threads need. Parallel code then waits
+    for a core in every run, which a steady spread does not show."""
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() if cores is None else cores
+    threads = torch.get_num_threads() if threads is None else threads
+    others = max(0.0, load - threads)
+    if cores and others + threads > cores + 0.5:
+        return (f"  WARNING: load average {load:.1f} on {cores} cores: other processes are using the cores, "
+                "so these times are not fastce's or torch's own; run again on a quieter machine")
+    return None
+
+
 def speed_check(rows=2048, vocab=32000, repeats=15):
     print(f"\nSpeed on an LLM-sized batch ({rows} x {vocab} float32 logits, {torch.get_num_threads()} threads, "
           f"CPU kernels: {fastce.cpu_isa()}): median of {repeats} runs (spread: IQR/median)")
@@ -76,6 +94,9 @@ def speed_check(rows=2048, vocab=32000, repeats=15):
     for name, (fwd, fwd_spread), (both, both_spread) in measured:
         print(f"  {name:36s} {fwd * 1e3:7.1f}ms ({fwd_spread:4.0%}) {both * 1e3:7.1f}ms ({both_spread:4.0%})   "
               f"({base_fwd / fwd:.1f}x, {base_both / both:.1f}x vs torch)")
+    busy = busy_cores_warning()
+    if busy:
+        print(busy)
     widest = max(spread for _, *cells in measured for _, spread in cells)
     if widest > SPREAD_WARN:
         print(f"  WARNING: the repeats vary by up to {widest:.0%} (IQR/median): the machine is busy, "
