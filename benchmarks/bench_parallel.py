@@ -3,12 +3,11 @@ the full logits on every rank (gloo on CPU by default; NCCL with --backend nccl 
 
     PYTHONPATH=python python benchmarks/bench_parallel.py --rows 1024 --vocab 32000
 
-Per rank and step (forward + backward), median of --iters runs:
+Per rank and step (forward + backward), median of --iters runs after a warm-up, with the
+spread of the runs (interquartile range / median), on the slowest rank:
 - fastce: vocab_parallel_cross_entropy on the shard (two all-reduces of O(rows) numbers);
 - gather: all_gather the shards, fastce.cross_entropy on the full logits, slice the
-  gradient (what a tensor-parallel head does without a vocab-parallel loss);
-and, in one process, the shard passes with the CPU row kernels against the same passes
-written in ATen ops (the device-generic kernels), which justifies the C++ CPU path.
+  gradient (what a tensor-parallel head does without a vocab-parallel loss).
 """
 import argparse
 import socket
@@ -24,13 +23,15 @@ from fastce.parallel import vocab_parallel_cross_entropy
 
 
 def median_ms(fn, iters):
-    fn()  # warm-up
+    """(median ms, spread = interquartile range / median) of `iters` runs after a warm-up."""
+    fn()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return 1e3 * median, (q3 - q1) / median
 
 
 def shard_of(full, rank, world):
@@ -67,51 +68,27 @@ def worker(rank, world, port, args):
         x.grad = logits.grad[:, start:start + sizes[rank]]
         sync()
 
-    acc_bytes = 8 if dtype == torch.float64 else 4
-    fields = 3 if args.label_smoothing > 0 else 2  # sum-exp, target logit (, smoothing sum)
-    # Payload of the all-reduces per row: the max of the lse, then the fused sums (the shard
-    # sizes add `world` numbers per call, not per row).
-    ours = (1 + fields) * acc_bytes
+    # Payload of the all-reduces per row, float64 whatever the logits' dtype: the max of the
+    # slices' lse, then the fused sums of exp(lse_k - max) and of the slices' losses (the
+    # exchange of the shard sizes adds `world` numbers per call, not per row).
+    ours = 3 * 8
     theirs = (args.vocab - sizes[rank]) * full.element_size()  # what this rank receives
     t_ours = median_ms(fastce_step, args.iters)
     t_theirs = median_ms(gather_step, args.iters)
     times = [None] * world
     dist.all_gather_object(times, (t_ours, t_theirs))
     if rank == 0:
-        ours_ms = max(t[0] for t in times)
-        theirs_ms = max(t[1] for t in times)
+        (ours_ms, ours_spread), (theirs_ms, theirs_spread) = (max((t[i] for t in times), key=lambda m: m[0])
+                                                              for i in (0, 1))
         print(f"{args.backend}, {world} ranks x {args.threads} thread(s), rows={args.rows}, "
               f"vocab={args.vocab} ({'/'.join(map(str, sizes))}), {args.dtype}, "
               f"label_smoothing={args.label_smoothing}")
         print(f"  bytes per row:  fastce {ours} (all-reduce payload)   gather {theirs} (received)"
               f"   ratio {theirs / ours:.0f}x")
-        print(f"  fwd+bwd ms:     fastce {ours_ms:.1f}   gather {theirs_ms:.1f}"
-              f"   speed-up {theirs_ms / ours_ms:.2f}x (slowest rank, median of {args.iters})")
+        print(f"  fwd+bwd ms:     fastce {ours_ms:.1f} ({ours_spread:.0%})   gather {theirs_ms:.1f} "
+              f"({theirs_spread:.0%})   speed-up {theirs_ms / ours_ms:.2f}x (slowest rank, median of "
+              f"{args.iters}, spread IQR/median)")
     dist.destroy_process_group()
-
-
-def shard_passes(args):
-    """The two passes over one shard: CPU row kernels vs the same math in ATen ops."""
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    shard = torch.randn(args.rows, args.vocab // args.world).to(dtype)
-    target = torch.randint(0, args.vocab, (args.rows,))
-    start, classes = torch.tensor(0), torch.tensor(args.vocab)
-    ops = torch.ops.fastce
-    lse, _ = ops.vocab_parallel_stats(shard, target, -100, 1.0, None)
-    grad = torch.full_like(lse, 1.0 / args.rows)
-    generic = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    calls = {
-        "stats": (ops.vocab_parallel_stats.default, (shard, target, -100, 1.0, None)),
-        "backward": (ops.vocab_parallel_backward.default,
-                     (grad, shard, target, start, classes, lse, -100, args.label_smoothing, 1.0, None, 0.0)),
-    }
-    print(f"one shard {tuple(shard.shape)} {args.dtype}, {args.threads} thread(s): "
-          f"CPU row kernels vs ATen ops")
-    for name, (op, op_args) in calls.items():
-        kernel = median_ms(lambda: op(*op_args), args.iters)
-        aten = median_ms(lambda: op.redispatch(generic, *op_args), args.iters)
-        print(f"  {name:9s} kernels {kernel:7.1f} ms   ATen {aten:7.1f} ms   {aten / kernel:.1f}x")
 
 
 def main():
@@ -129,8 +106,6 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(worker, args=(args.world, port, args), nprocs=args.world, start_method="spawn")
-    if args.backend == "gloo":
-        shard_passes(args)
 
 
 if __name__ == "__main__":

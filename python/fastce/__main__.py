@@ -1,4 +1,6 @@
 """`python -m fastce`: the worked example users know, then a quick speed check against torch."""
+import os
+import statistics
 import time
 
 import torch
@@ -31,19 +33,50 @@ def worked_example():
           f"{F.cross_entropy(batch, labels).item():.4f})")
 
 
-def median_time(fn, repeats=5):
-    fn()
-    times = []
+SPREAD_WARN = 0.25  # interquartile range / median above which a timing is not trusted
+
+
+def interleaved_timings(fns, repeats=15, warmup=3):
+    """Seconds of `repeats` runs of each of fns, one run of each in turn (so that the machine's
+    drifts fall on all alike), after `warmup` untimed runs of each."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return times
 
 
-def speed_check(rows=2048, vocab=32000):
+def median_and_spread(times):
+    """The median and the spread (interquartile range / median) of repeated timings."""
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, (q3 - q1) / median
+
+
+def busy_cores_warning(load=None, cores=None, threads=None):
+    """A warning when other processes keep the cores busy: the 1-minute load average, less this
+    check's own threads, leaves fewer idle cores than the threads need. Parallel code then waits
+    for a core in every run, which a steady spread does not show."""
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() if cores is None else cores
+    threads = torch.get_num_threads() if threads is None else threads
+    others = max(0.0, load - threads)
+    if cores and others + threads > cores + 0.5:
+        return (f"  WARNING: load average {load:.1f} on {cores} cores: other processes are using the cores, "
+                "so these times are not fastce's or torch's own; run again on a quieter machine")
+    return None
+
+
+def speed_check(rows=2048, vocab=32000, repeats=15):
     print(f"\nSpeed on an LLM-sized batch ({rows} x {vocab} float32 logits, {torch.get_num_threads()} threads, "
-          f"CPU kernels: {fastce.cpu_isa()}), median of 5:")
+          f"CPU kernels: {fastce.cpu_isa()}): median of {repeats} runs (spread: IQR/median)")
     logits = torch.randn(rows, vocab)
     target = torch.randint(0, vocab, (rows,))
 
@@ -51,17 +84,26 @@ def speed_check(rows=2048, vocab=32000):
         x = logits.detach().requires_grad_()
         loss_fn(x, target).backward()
 
-    rows_out = []
-    for name, fn in [("torch.nn.functional.cross_entropy", F.cross_entropy), ("fastce.cross_entropy", fastce.cross_entropy)]:
-        fwd = median_time(lambda: fn(logits, target))
-        both = median_time(lambda: step(fn))
-        rows_out.append((name, fwd, both))
-    base = rows_out[0]
-    print(f"  {'':36s} {'forward':>10s} {'fwd+bwd':>10s}")
-    for name, fwd, both in rows_out:
-        print(f"  {name:36s} {fwd * 1e3:8.1f}ms {both * 1e3:8.1f}ms   "
-              f"({base[1] / fwd:.1f}x, {base[2] / both:.1f}x vs torch)")
-    print("  Full benchmark: python -m fastce.bench")
+    losses = {"torch.nn.functional.cross_entropy": F.cross_entropy, "fastce.cross_entropy": fastce.cross_entropy}
+    runs = [run for fn in losses.values()
+            for run in (lambda fn=fn: fn(logits, target), lambda fn=fn: step(fn))]
+    stats = [median_and_spread(t) for t in interleaved_timings(runs, repeats)]
+    measured = [(name, stats[2 * i], stats[2 * i + 1]) for i, name in enumerate(losses)]
+    (_, (base_fwd, _), (base_both, _)) = measured[0]
+    print(f"  {'':36s} {'forward':>16s} {'fwd+bwd':>16s}")
+    for name, (fwd, fwd_spread), (both, both_spread) in measured:
+        print(f"  {name:36s} {fwd * 1e3:7.1f}ms ({fwd_spread:4.0%}) {both * 1e3:7.1f}ms ({both_spread:4.0%})   "
+              f"({base_fwd / fwd:.1f}x, {base_both / both:.1f}x vs torch)")
+    busy = busy_cores_warning()
+    if busy:
+        print(busy)
+    widest = max(spread for _, *cells in measured for _, spread in cells)
+    if widest > SPREAD_WARN:
+        print(f"  WARNING: the repeats vary by up to {widest:.0%} (IQR/median): the machine is busy, "
+              "so these ratios are not steady values; run again on a quieter machine")
+    print("  The benchmark suite (more shapes, torch.compile, memory): python benchmarks/bench.py "
+          "in a source checkout (benchmarks/README.md)")
+    return measured
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""fastce's benchmark suite: ``python -m fastce.bench --help``.
+"""fastce's benchmark suite: ``python benchmarks/bench.py --help`` (from a source checkout; it
+imports the fastce that Python finds: an installed one, or ``PYTHONPATH=python`` after an in-place build).
 
 Times cross-entropy forward and forward+backward over a grid of shapes against torch eager,
 ``torch.compile`` and, on CUDA, the peers that are installed; measures the device's bandwidth as
@@ -56,6 +57,9 @@ GRIDS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PASSES = ("fwd", "fwd+bwd")
 MAX_SAMPLES = 200
+WARMUP = 3  # untimed runs of each variant after its first one (caches, kept buffers, clocks)
+SPREAD_WARN = 0.25  # interquartile range / median above which a timing is flagged
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")  # git ignores it
 CPU_MEMORY_MIN_BYTES = 8 << 20  # below this, resident-set noise swamps what is measured
 
 
@@ -176,6 +180,23 @@ def make_step(ce, logits, target, pass_, inplace):
 # ---------------------------------------------------------------------------------------------
 # Timing
 
+def timing_stats(times_s):
+    """Median, quartiles, extremes (ms) and spread of one cell's timed runs (seconds).
+
+    spread = interquartile range / median: how much the middle half of the runs vary. A wide
+    one (above SPREAD_WARN) says the machine was busy: that cell's median, and the ratios
+    computed from it, may be far from the steady value."""
+    median = statistics.median(times_s)
+    q1, _, q3 = statistics.quantiles(times_s, n=4, method="inclusive") if len(times_s) > 1 else times_s * 3
+    return {"median_ms": median * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "min_ms": min(times_s) * 1e3,
+            "max_ms": max(times_s) * 1e3, "spread": (q3 - q1) / median if median > 0 else 0.0,
+            "samples": len(times_s)}
+
+
+def wide_spread(stats):
+    return stats.get("spread", 0.0) > SPREAD_WARN
+
+
 class Timer:
     """Medians of repeated single runs: perf_counter on CPU, CUDA events on CUDA.
 
@@ -184,9 +205,9 @@ class Timer:
     the ratios between them stay fair. On CUDA the L2 cache is flushed before every run, so
     each run reads its inputs from memory."""
 
-    def __init__(self, device, repeats, budget_s):
+    def __init__(self, device, repeats, budget_s, warmup=2):
         self.cuda = device == "cuda"
-        self.repeats, self.budget_s = repeats, budget_s
+        self.repeats, self.budget_s, self.warmup = repeats, budget_s, max(1, warmup)
         if self.cuda:
             l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
             self.flush_buf = torch.empty(max(4 * l2, 256 << 20), dtype=torch.uint8, device="cuda")
@@ -213,12 +234,13 @@ class Timer:
     def run_interleaved(self, runs):
         """For each (setup, step) of `runs`: (stats, output of its first run), or the exception
         its first runs raised. The first run (compilation, JIT, lazy initialization) is reported
-        apart and never counted; each gets as many timed runs as its time budget allows."""
+        apart and never counted; then `warmup` untimed runs (the fastest of them estimates the
+        run time), and as many timed runs as the time budget allows, at least `repeats`."""
         results, live, counts = [None] * len(runs), [], []
         for i, (setup, step) in enumerate(runs):
             try:
                 first_s, out = self._once(setup, step)
-                est = min(self._once(setup, step)[0] for _ in range(2))
+                est = min(self._once(setup, step)[0] for _ in range(self.warmup))
             except Exception as e:  # a peer failing on a shape must not stop the others
                 results[i] = e
                 continue
@@ -244,10 +266,7 @@ class Timer:
                 continue
             times = [s.elapsed_time(e) / 1e3 for s, e in samples[i]] if self.cuda else samples[i]
             first_s, out = results[i]
-            q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
-            results[i] = ({"median_ms": statistics.median(times) * 1e3, "q1_ms": q[0] * 1e3,
-                           "q3_ms": q[2] * 1e3, "min_ms": min(times) * 1e3, "samples": len(times),
-                           "first_call_s": first_s}, out)
+            results[i] = ({**timing_stats(times), "first_call_s": first_s}, out)
         return results
 
     def _sample(self, setup, step):
@@ -355,7 +374,7 @@ def measure_memory(device, variants, cases, threads):
             if len(job_cases) == 1 else f"{v.name} ({len(job_cases)} cases)"
         log(f"[memory {i}/{len(jobs)}] {label}")
         spec = {"device": device, "variant": v.name, "cases": job_cases, "threads": threads}
-        proc = subprocess.run([sys.executable, "-m", "fastce.bench", "--memory-probe", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)],
                               capture_output=True, text=True, env=env)
         for line in proc.stdout.splitlines():
             if not line.startswith("{"):
@@ -416,7 +435,7 @@ def measure_case(variants, logits, target, pass_, timer, reference):
             continue
         stats, loss = result
         first = stats["first_call_s"]
-        log(f"{v.label}: {stats['median_ms']:.3f} ms" + (f" (first call {first:.1f} s)" if first > 1 else ""))
+        log(f"{v.label}: {describe(stats)}" + (f" (first call {first:.1f} s)" if first > 1 else ""))
         rows.append({**stats, "status": loss_check(loss, reference, logits.dtype)})
     return rows
 
@@ -475,12 +494,21 @@ def add_speedups(results):
 # ---------------------------------------------------------------------------------------------
 # Report: machine, table, files, chart
 
+def load_average():
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 1)
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(device, threads):
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": threads or torch.get_num_threads(), "cpu_isa": fastce.cpu_isa(),
             "torch": torch.__version__, "fastce": fastce.__version__,
-            "python": platform.python_version(), "os": platform.platform(), "device": device}
+            "python": platform.python_version(), "os": platform.platform(), "device": device,
+            "load_avg": load_average()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
@@ -503,7 +531,7 @@ def machine_info(device, threads):
 
 def print_header(report):
     m, roof = report["machine"], report["roofline"]
-    keys = ["date", "cpu", "cores", "torch_threads", "cpu_isa", "torch", "fastce", "python", "device",
+    keys = ["date", "cpu", "cores", "load_avg", "torch_threads", "cpu_isa", "torch", "fastce", "python", "device",
             "gpu", "gpu_memory_gib", "cuda", "driver", "fastce_cuda_kernels"]
     print("fastce benchmark  " + "  ".join(f"{k}={m[k]}" for k in keys if k in m))
     line = (f"roofline ({roof['buffer_bytes'] / 2**20:.0f} MiB buffers): read {roof['read_gbps']:.1f} GB/s, "
@@ -516,12 +544,43 @@ def print_header(report):
           "GB/s and %roof count those bytes.")
 
 
+def describe(stats):
+    """One timing in words: its median, spread and range."""
+    return (f"{stats['median_ms']:.3f} ms, spread {100 * stats['spread']:.0f}% (IQR/median), "
+            f"{stats['min_ms']:.3f}..{stats['max_ms']:.3f} ms over {stats['samples']} runs"
+            + (" WIDE" if wide_spread(stats) else ""))
+
+
 def _fmt_ms(r):
+    """A table cell: median (spread %), * when the spread is wide, ! when the loss is wrong."""
     if r is None:
         return "-"
     if "median_ms" in r:
-        return f"{r['median_ms']:.3f}" + ("" if r["status"] == "ok" else "!")
+        spread = f" ({100 * r['spread']:.0f}%)" if "spread" in r else ""  # (older results.json: none)
+        return (f"{r['median_ms']:.3f}{spread}" + ("*" if wide_spread(r) else "")
+                + ("" if r["status"] == "ok" else "!"))
     return "n/a" if r["status"].startswith("n/a") else "err"
+
+
+def print_spread_warning(results):
+    """Names the timings whose repeats vary too much to trust their medians' ratios."""
+    timed = [r for r in results if "spread" in r]
+    if not timed:
+        return
+    wide = [r for r in timed if wide_spread(r)]
+    if not wide:
+        print(f"spread: every timing's IQR/median is within {100 * SPREAD_WARN:.0f}% "
+              f"(largest {100 * max((r['spread'] for r in timed), default=0):.0f}%)")
+        return
+    shown = 8
+    cells = ", ".join(f"{r['rows']}x{r['classes']} {r['dtype']} {r['pass']} {r['variant']} "
+                      f"({100 * r['spread']:.0f}%)" for r in wide[:shown])
+    if len(wide) > shown:
+        cells += f" and {len(wide) - shown} more (marked *)"
+    print(f"WARNING: {len(wide)} of {len(timed)} timings have a wide spread (IQR/median > "
+          f"{100 * SPREAD_WARN:.0f}%): {cells}. Their runs varied (a busy machine): their medians "
+          f"and the ratios built on them are not steady values. Rerun on a quieter machine, with "
+          f"more --repeats, or with --threads 1.")
 
 
 def _print_rows(header, rows):
@@ -534,6 +593,22 @@ def _print_rows(header, rows):
 
 def _case(r):
     return r["rows"], r["classes"], r["dtype"]
+
+
+def print_load_warning(machine):
+    """Other processes on the cores make a parallel region wait for a core in every run alike,
+    often by a whole scheduler slice: a steady spread does not show it. The 1-minute load
+    average before the timings counts the others; after them it counts this run's threads too."""
+    if machine.get("device") != "cpu" or machine.get("load_avg") is None:
+        return
+    threads = machine["torch_threads"]
+    others = max(machine["load_avg"], (machine.get("load_avg_end") or 0.0) - threads)
+    if others + threads > machine["cores"] + 0.5:
+        load = max(machine["load_avg"], machine.get("load_avg_end") or 0.0)
+        print(f"WARNING: other processes kept the cores busy (load average {load:.1f} on {machine['cores']} "
+              f"cores, {threads} timing threads): a parallel region waits for a core in every run (times in "
+              f"multiples of the scheduler's slice, ratios near 1), which the spreads do not show. Use a "
+              f"quiet machine, or --threads 1.")
 
 
 def print_table(report):
@@ -561,7 +636,8 @@ def print_table(report):
         cells += [f"{f['gbps']:.1f}" if "gbps" in f else "-",
                   f"{f['pct_of_roof']:.0f}" if "gbps" in f else "-", f"{floor:.3f}"]
         table.append(cells)
-    print("\ntimes in ms (medians); x V = fastce's speedup over V (V's time / fastce's); "
+    print("\ntimes in ms: median (spread of the repeats: IQR/median), * = spread over "
+          f"{100 * SPREAD_WARN:.0f}%; x V = fastce's speedup over V (V's time / fastce's); "
           "! = loss differs from torch's")
     _print_rows(header, table)
     for p in sorted({f"{r['variant']}: {r['status']}" for r in results
@@ -571,6 +647,8 @@ def print_table(report):
                       if r["status"].startswith("n/a")})
     if missing:
         print("not run: " + "; ".join(missing))
+    print_spread_warning(results)
+    print_load_warning(report["machine"])
     print("fwd+bwd is timed from logits that are a graph output (as an LM head's) to the gradient "
           "w.r.t. them; fastce_inplace gets a fresh copy of the logits, made before the timer starts "
           "and freed after it stops (the copy stands for the LM head's output).")
@@ -595,7 +673,7 @@ def print_table(report):
 
 
 CSV_FIELDS = ["device", "rows", "classes", "dtype", "pass", "variant", "status", "median_ms", "q1_ms",
-              "q3_ms", "min_ms", "samples", "first_call_s", "gbps", "pct_of_roof", "floor_ms",
+              "q3_ms", "min_ms", "max_ms", "spread", "samples", "first_call_s", "gbps", "pct_of_roof", "floor_ms",
               "fastce_speedup", "logits_bytes", "peak_extra_bytes", "peak_extra_ratio"]
 
 
@@ -619,7 +697,7 @@ def draw_chart(report, path):
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         log("matplotlib is not installed: no chart (pip install matplotlib, then "
-            f"python -m fastce.bench --replot {os.path.dirname(path) or '.'})")
+            f"python benchmarks/bench.py --replot {os.path.dirname(path) or '.'})")
         return
     results = report["results"]
     panels = []
@@ -674,7 +752,7 @@ def draw_chart(report, path):
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m fastce.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
@@ -686,9 +764,9 @@ def parse_args(argv):
                    "(default float32,bfloat16; --quick: float32)")
     p.add_argument("--variants", help="comma-separated subset of: " + ",".join(BY_NAME))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--repeats", type=int, help="fewest timed runs per cell (default 7; --quick 3); "
+    p.add_argument("--repeats", type=int, help="fewest timed runs per cell (default 7; --quick 10); "
                    "fast cells run more, up to a time budget")
-    p.add_argument("--out", default="benchmarks/out", help="folder for results.csv/json and the chart")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.csv/json and the chart")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--replot", metavar="DIR", help="print the table and draw the chart of DIR/results.json")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: the child process
@@ -706,7 +784,7 @@ def parse_args(argv):
         if n not in BY_NAME:
             p.error(f"unknown variant {n!r}; choose from {', '.join(BY_NAME)}")
     args.variant_list = [BY_NAME[n] for n in names]
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.repeats = args.repeats or (10 if args.quick else 7)
     return args
 
 
@@ -728,7 +806,8 @@ def main(argv=None):
               "config": {"argv": sys.argv[1:], "shapes": args.shape_list, "dtypes": args.dtype_list,
                          "repeats": args.repeats}}
     # time spent per cell beyond the fewest repeats: GPU timings are steadier
-    timer = Timer(args.device, args.repeats, 0.25 if args.quick else 0.3 if args.device == "cuda" else 1.0)
+    budget_s = 0.3 if args.device == "cuda" else 0.5 if args.quick else 1.0
+    timer = Timer(args.device, args.repeats, budget_s, warmup=WARMUP)
     log("measuring the roofline")
     big = 4 << 30 if args.device == "cuda" else (128 << 20 if args.quick else 512 << 20)
     report["roofline"] = roofline(args.device, big, timer)
@@ -745,6 +824,7 @@ def main(argv=None):
             if r["pass"] == "fwd+bwd" and extra is not None:
                 r["peak_extra_bytes"] = extra
                 r["peak_extra_ratio"] = extra / r["logits_bytes"] if isinstance(extra, int) else None
+    report["machine"]["load_avg_end"] = load_average()
     report["results"] = results
     print_table(report)
     write_files(report, args.out)
