@@ -1,4 +1,5 @@
-"""Builds fastce._C: the CPU kernels always, the CUDA kernels when asked for or possible.
+"""Builds fastce._C (the CPU kernels) always, and fastce._C_cuda (the CUDA kernels) when asked for
+or possible.
 
 Environment switches:
   FORCE_CUDA=1            build the CUDA kernels even without a GPU (needs nvcc and a CUDA torch)
@@ -42,30 +43,37 @@ def extension():
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         cxx += san
         link += san
-    if want_cuda():
-        if torch.version.cuda is None or CUDA_HOME is None:
-            raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (set CUDA_HOME)")
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        # The torch-facing driver is C++ (ATen's headers are slow to parse three times in
-        # nvcc); the kernels are .cu. Only c10/cuda headers are used, not
-        # ATen/cuda/CUDAContext.h, which needs cuBLAS/cuSPARSE headers a minimal toolkit lacks.
-        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-        # No fast-math: logf/tanhf stay exact.
-        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
-        if flag("FASTCE_PTXAS_VERBOSE"):
-            nvcc.append("-Xptxas=-v")
-        return CUDAExtension(
-            "fastce._C", sources, extra_compile_args={"cxx": cxx + ["-DFASTCE_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=link,
-        )
     return CppExtension("fastce._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
                         py_limited_api=True)
+
+
+def cuda_extension():
+    """fastce._C_cuda, the CUDA kernels (csrc/cuda/), or None when not built. A separate module on
+    the stable ABI and Python's limited API, with hidden symbols (it carries its own copy of the
+    shared core: csrc/cuda/core.cpp); fastce imports it where it loads (a CUDA build of torch)."""
+    if not want_cuda():
+        return None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (set CUDA_HOME)")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    opt = ["-O0", "-g"] if flag("FASTCE_DEBUG") else ["-O3"]
+    stable = ["-DTORCH_TARGET_VERSION=0x020b000000000000"]  # (torch adds Py_LIMITED_API: py_limited_api)
+    hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    # USE_CUDA: the stable shim declares its CUDA entry points (the current stream) only under it.
+    cxx = opt + stable + hidden + ["-DUSE_CUDA", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    # No fast-math: logf/tanhf stay exact.
+    nvcc = opt + stable + [f"-Xcompiler={f}" for f in hidden] + ["--expt-relaxed-constexpr", "-lineinfo"]
+    if flag("FASTCE_PTXAS_VERBOSE"):
+        nvcc.append("-Xptxas=-v")
+    sources = sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    return CUDAExtension("fastce._C_cuda", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                         py_limited_api=True)
 
 
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
-    ext_modules=[extension()],
+    ext_modules=[extension()] + [m for m in [cuda_extension()] if m is not None],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
