@@ -77,8 +77,7 @@ __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) 
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
   const A* w = static_cast<const A*>(v.weight);
-  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
-       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for_each_warp_item(v.rows, [&](int64_t r) {
     const T* yr = static_cast<const T*>(v.y) + r * v.y_stride;
     A acc = 0;
     auto vecs = [&](int64_t c, auto n) {
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) 
     walk(yr, 0, v.classes, element_aligned(yr), lane, vecs, one);
     acc = warp_sum(acc);
     if (lane == 0) a.sum_wy[r] = double(acc);
-  }
+  });
 }
 
 // Rows whose lse is huge (see RowLse): their max and log-sum again from the logits, one warp
@@ -107,14 +106,13 @@ __global__ void __launch_bounds__(kThreads) huge_lse_kernel(const BackwardArgs a
   const int lane = threadIdx.x % kWarp;
   const Transform<A, Cap> tf(v.opt);
   const SumsOf<A> none{nullptr, false, {A(1), A(0)}};  // the exponentials only
-  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
-       r += int64_t(gridDim.x) * kWarpsPerBlock) {
-    if (ignored_row(v, r) || !huge_lse(a.lse[r])) continue;
+  for_each_warp_item(v.rows, [&](int64_t r) {
+    if (ignored_row(v, r) || !huge_lse(a.lse[r])) return;
     const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
     Stats<A> st = lane_stats<false>(xr, static_cast<const T*>(nullptr), tf, none, 0, v.classes, lane);
     warp_merge(st);
     if (lane == 0) a.huge_lse[r] = lse_of(st);
-  }
+  });
 }
 
 // Zeros over [b, e) of an ignored row's gradient, without reading the logits.
@@ -148,8 +146,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
   // Class weights enter only through coef_w (label smoothing) and coef_wy (targets).
   const bool need_w = w != nullptr && (Prob || v.opt.label_smoothing > 0);
   const int64_t units = v.rows * v.chunks;
-  for (int64_t u = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; u < units;
-       u += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for_each_warp_item(units, [&](int64_t u) {
     const Unit un = unit_of(v, u);
     const int64_t r = un.row;
     const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
@@ -159,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
     const RowTarget t = Prob ? RowTarget{false, -1} : target_of(v, r);
     if (t.ignored) {
       write_zeros(gxr, un.begin, un.end, lane);
-      continue;
+      return;
     }
     const GradCoef k = row_grad_coef<A, Prob>(a, r, row_lse_of(a, r), t);
     const LseSplit<A> lse = split_lse<A>(k);
@@ -215,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
       __syncwarp();
       if (lane == 0) store_double(gxr + t.local, target_g);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -372,7 +372,16 @@ __device__ __forceinline__ double class_weight_sum(const Rows& v) {
   return v.weight != nullptr && v.opt.label_smoothing > 0 ? *v.weight_sum : double(v.classes);
 }
 
-// Grid-stride loop over work units (one per warp): unit = row * chunks + piece.
+// A grid-stride loop over n items, one per warp: f(i) for this warp's items. Every lane of the
+// warp calls f with the same i, so f may use warp collectives (and `return` ends an item).
+template <class F>
+__device__ __forceinline__ void for_each_warp_item(int64_t n, F&& f) {
+  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock)
+    f(i);
+}
+
+// Work units (one per warp): unit = row * chunks + piece.
 struct Unit {
   int64_t row, begin, end;
 };

@@ -68,8 +68,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const ForwardArgs a) {
   const Transform<A, Cap> tf(v.opt);
   const SumsOf<A> sums = sums_of<A, Prob>(v);
   const int64_t units = v.rows * v.chunks;
-  for (int64_t u = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; u < units;
-       u += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for_each_warp_item(units, [&](int64_t u) {
     const Unit un = unit_of(v, u);
     const T* xr = static_cast<const T*>(v.x) + un.row * v.x_stride;
     const T* yr = Prob ? static_cast<const T*>(v.y) + un.row * v.y_stride : nullptr;
@@ -83,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const ForwardArgs a) {
         static_cast<Stats<A>*>(a.partial)[u] = st;
       }
     }
-  }
+  });
 }
 
 // Rows cut into pieces: one warp merges a row's pieces in a fixed order, then finishes it.
@@ -93,14 +92,13 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const ForwardArgs a) {
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
   const Transform<A, Cap> tf(v.opt);
-  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
-       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for_each_warp_item(v.rows, [&](int64_t r) {
     const Stats<A>* parts = static_cast<const Stats<A>*>(a.partial) + r * v.chunks;
     Stats<A> st;
     for (int64_t j = lane; j < v.chunks; j += kWarp) merge(st, parts[j]);
     warp_merge(st);
     if (lane == 0) finish_row<T, Prob, Cap>(a, r, st, tf);
-  }
+  });
 }
 
 // Sums three per-row arrays over one block, each thread over a fixed stride, then a
