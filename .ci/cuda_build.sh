@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# CI step: the CUDA build, without a GPU. In a temporary copy of the repository (so the
-# CPU build of the working tree stays as it is): build fastce with its CUDA kernels for
-# sm_80 and sm_90, import it with no driver, check that every op with a CPU kernel has a
-# CUDA kernel, and inspect the machine code with cuobjdump (SASS for both architectures,
-# warp shuffles, 16-byte loads). Prints the registers/spills table of every kernel, and runs
-# the kernels' code on the CPU under an emulation of CUDA (tests/cuda_emulation).
+# CI step: the CUDA build, without a GPU. In a temporary copy of the repository (so the CPU
+# build of the working tree stays as it is): build fastce._C and fastce._C_cuda (the CUDA
+# kernels, for sm_80 and sm_90) against torch 2.14.1+cu130 on the stable ABI, import them with no
+# driver, check that every op with a CPU kernel has a CUDA kernel and that _C_cuda uses torch
+# through the stable C shim only, and inspect the machine code with cuobjdump (SASS for both
+# architectures, warp shuffles, 16-byte loads). Prints the registers/spills table of every
+# kernel, and runs the kernels' code on the CPU under an emulation of CUDA (tests/cuda_emulation).
 #
 # Environment: FASTCE_CUDA_VENV (default /work/venv-cuda: created with torch 2.14.1 when
 # missing), CUDA_HOME (default: the toolkit the `nvcc` on PATH runs), MAX_JOBS.
@@ -49,23 +50,40 @@ if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" FASTCE_PTXAS_VERBOSE=1 MAX_JOBS
   fail "CUDA build failed"
 fi
 echo "cuda_build: built in $(( $(date +%s) - start )) s"
-SO=$(ls python/fastce/_C*.so)
+SO=$(ls python/fastce/_C_cuda*.so)
+
+# The stable ABI: _C_cuda reaches torch through its C shim only (no C++ symbol of c10, ATen or
+# torch), and exports its PyInit_ but nothing of fastce's (hidden symbols: its copy of the
+# shared core cannot clash with _C's).
+torch_cxx=$(nm -D --undefined-only "$SO" | c++filt | grep -cE "(c10|at|torch)::" || true)
+[ "$torch_cxx" -eq 0 ] || { nm -D --undefined-only "$SO" | c++filt | grep -E "(c10|at|torch)::" | head >&2; fail "_C_cuda uses torch's C++ symbols"; }
+exported=$(nm -D --defined-only "$SO" | c++filt)
+grep -q " PyInit__C_cuda$" <<<"$exported" || fail "_C_cuda does not export PyInit__C_cuda"
+! grep "fastce::" <<<"$exported" | head -n 5 | grep . >&2 || fail "_C_cuda exports fastce's symbols"
+echo "cuda_build: $(basename "$SO"): torch through the stable C shim only; no fastce symbol exported"
 
 # Import with no driver (this machine has none; hide any device to be sure), and the
 # CPU/CUDA kernel coverage of every op.
 CUDA_VISIBLE_DEVICES="" PYTHONPATH=python "$PY" - <<'EOF' || fail "import or op coverage check"
 import torch
 import fastce
-assert fastce.has_cuda_kernels(), "fastce.has_cuda_kernels() is False"
+assert fastce.has_cuda_kernels(), "fastce.has_cuda_kernels() is False (fastce._C_cuda did not load)"
 names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastce::"))
 assert names, "no fastce ops registered"
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-# A CompositeExplicitAutograd kernel (ATen ops, e.g. the vocabulary-parallel shard ops) serves CUDA too.
+# A CompositeExplicitAutograd kernel (cpu_isa, empty_cache: no tensors) serves every device.
 missing = [n for n in names if has(n, "CPU") and not has(n, "CUDA") and not has(n, "CompositeExplicitAutograd")]
 assert not missing, f"ops with a CPU kernel but no CUDA kernel: {missing}"
 print("cuda_build: import ok (no driver); CUDA kernels for", [n for n in names
       if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")])
 EOF
+
+# With a CPU-only torch (python3's, when it has one) the same build imports without its CUDA part.
+if python3 -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
+  PYTHONPATH=python python3 -c "import fastce, torch; assert not fastce.has_cuda_kernels(); \
+print('cuda_build: import ok under torch', torch.__version__, '(CPU only): fastce._C_cuda left out')" \
+    || fail "importing fastce under a CPU-only torch"
+fi
 
 # Machine code: real SASS for sm_80 and sm_90, with warp shuffles and 16-byte global loads.
 "$CUOBJDUMP" -sass "$SO" > sass.txt || fail "cuobjdump -sass"
@@ -115,7 +133,7 @@ PYTHONPATH=python "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > py
 echo "cuda_build: $(tail -n 1 pytest.log)"
 
 # The kernels' code itself, run on the CPU under an emulation of the CUDA execution model
-# against the float64 reference (tests/cuda_emulation, about a minute).
+# against the float64 reference and the CPU backend (tests/cuda_emulation, a few minutes).
 FASTCE_CUDA_EMULATION=1 PYTHONPATH=python timeout 600 "$PY" -m pytest -q -p no:cacheprovider \
   tests/cuda_emulation > emulation.log 2>&1 \
   || { tail -n 40 emulation.log >&2; fail "emulated CUDA kernels disagree with the reference"; }

@@ -55,9 +55,25 @@ template <class A>
 FASTCE_RULE LogitTransform<A> logit_transform(const LossOptions& o) {
   return {A(o.logit_scale), A(o.softcap), o.softcap > 0 ? A(o.logit_scale / o.softcap) : A(0)};
 }
+// Its two forms, for kernels compiled once per form (transform_z picks one at run time).
+template <class A>
+FASTCE_RULE A scaled_z(const LogitTransform<A>& t, A x) {
+  return x * t.scale;
+}
+template <class A>
+FASTCE_RULE A capped_z(const LogitTransform<A>& t, A x) {
+  return std::tanh(x * t.u_coef) * t.cap;
+}
 template <class A>
 FASTCE_RULE A transform_z(const LogitTransform<A>& t, A x) {
-  return t.cap > A(0) ? std::tanh(x * t.u_coef) * t.cap : x * t.scale;
+  return t.cap > A(0) ? capped_z(t, x) : scaled_z(t, x);
+}
+// z and slope = dz/dx of the capped form from one tanh: slope = (1 - tanh^2) * logit_scale.
+template <class A>
+FASTCE_RULE A capped_z_slope(const LogitTransform<A>& t, A x, A& slope) {
+  const A u = std::tanh(x * t.u_coef);
+  slope = (A(1) - u * u) * t.scale;
+  return u * t.cap;
 }
 
 // ---- a row's log-sum-exp ------------------------------------------------------------------
@@ -89,6 +105,19 @@ FASTCE_RULE double lse_minus(const RowLse& l, double z) {
 // gap = sum_c m_c (shift - z_c), summed logit by logit in float64 (else 0).
 FASTCE_RULE double weighted_lse_minus_z(const RowLse& l, double sum_m, double sum_mz, double gap) {
   return l.shift != 0.0 ? gap + l.rel * sum_m : full(l) * sum_m - sum_mz;
+}
+
+// ---- probability targets -----------------------------------------------------------------
+// With label smoothing a probability target y becomes y' = (1 - eps) y + eps / C, formed per
+// class (as torch does) so that a masked class (z = -inf) with y = 0 still counts
+// eps / C * -inf rather than 0 * -inf = NaN: y' = y * keep + add, in the accumulation type.
+template <class A>
+struct SmoothedTarget {
+  A keep, add;
+};
+template <class A>
+FASTCE_RULE SmoothedTarget<A> smoothed_target(double eps, int64_t classes) {
+  return {A(1.0 - eps), A(eps / double(classes))};
 }
 
 // ---- a row's loss -------------------------------------------------------------------------

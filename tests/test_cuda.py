@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastce
+from fastce._ops import LossOptions
 from reference import reference_cross_entropy
 
 pytestmark = [
@@ -59,8 +60,8 @@ def test_vocab_sizes_bf16(N, V):
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16) * 3
     t = torch.randint(0, V, (N,), device="cuda")
     t[1::7] = -100
-    # lse is float32: compare it tightly with a float64 logsumexp.
-    loss, _, lse, tw, _ = ops.cross_entropy_forward(x, t, None, 0, -100, 0.0, 1.0, None, 0.0, False)
+    # lse is float64 (from float sums): compare it tightly with a float64 logsumexp.
+    loss, _, lse, tw, _ = ops.cross_entropy_forward(x, t, None, *LossOptions(reduction=0))
     ref_lse = torch.logsumexp(x.double(), dim=1)
     keep = t != -100
     torch.testing.assert_close(lse[keep].double(), ref_lse[keep], rtol=2e-6, atol=1e-5)
@@ -214,27 +215,29 @@ def _opcheck_cases():
     y = torch.softmax(torch.randn(6, 37, device="cuda"), 1)
     w = torch.rand(37, device="cuda")
     return [
-        (x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False),
-        (x, t, w, 0, 2, 0.1, 2.0, 5.0, 1e-3, False),
-        (x, y, None, 2, -100, 0.2, 1.0, None, 0.0, False),
+        (x, t, None, *LossOptions(1, -100, 0.0, 1.0, None, 0.0)),
+        (x, t, w, *LossOptions(0, 2, 0.1, 2.0, 5.0, 1e-3)),
+        (x, y, None, *LossOptions(2, -100, 0.2, 1.0, None, 0.0)),
         (torch.randn(2, 5, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True),
-         torch.randint(0, 5, (2, 3), device="cuda"), None, 1, -100, 0.0, 1.0, None, 0.0, False),
+         torch.randint(0, 5, (2, 3), device="cuda"), None, *LossOptions()),
+        (x, t + 30, None, *LossOptions(0, -100, 0.1, 0.8, 3.0, 1e-3, 40, 100)),  # a vocabulary slice
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck_cuda(case):
     args = _opcheck_cases()[case]
     torch.library.opcheck(ops.cross_entropy_forward.default, args)
+    torch.library.opcheck(ops.cross_entropy_forward.default, args, {"compute_grad": True})
+    torch.library.opcheck(ops.cross_entropy_forward.default, args, {"loss_dtype": torch.float64})
 
 
 def test_opcheck_backward_cuda():
     x = torch.randn(6, 37, device="cuda")
     t = torch.randint(0, 37, (6,), device="cuda")
-    _, _, lse, tw, _ = ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False)
+    _, _, lse, tw, _ = ops.cross_entropy_forward(x, t, None)
     g = torch.tensor(1.0, device="cuda")
-    torch.library.opcheck(ops.cross_entropy_backward.default,
-                          (g, g, x, t, None, lse, tw, 1, -100, 0.0, 1.0, None, 0.0, False))
+    torch.library.opcheck(ops.cross_entropy_backward.default, (g, g, x, t, None, lse, tw, *LossOptions()))
 
 
 def test_torch_compile_fullgraph_cuda():
@@ -328,6 +331,60 @@ def test_cpu_cuda_agree(dtype, case):
     tol = TOL[dtype] * (10 if dtype in (torch.float32, torch.float64) else 1)
     for a, b in zip(outs["cpu"], outs["cuda"]):
         torch.testing.assert_close(b.double(), a.double(), rtol=tol, atol=tol)
+
+
+SLICE_OPTIONS = [LossOptions(0, -100, 0.1, 0.8, 3.0, 0.0, 1000, 5000),
+                 LossOptions(1, -100, 0.0, 1.0, None, 1e-3, 0, 3000),
+                 LossOptions(2, 7, 0.2, 1.0, None, 0.0, 4000, 5000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("opt", SLICE_OPTIONS, ids=str)
+@pytest.mark.parametrize("N", [5, 3000])  # few rows: split rows
+def test_slice_options_and_loss_dtype_agree_with_cpu(dtype, opt, N):
+    # The vocabulary-parallel ops' options (class_offset, vocab_size) and a float64 loss: the CUDA
+    # kernels give the CPU backend's results (up to the order of float sums).
+    C = 1000
+    x = (torch.randn(N, C, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, opt.vocab_size, (N,))
+    t[::3] = opt.class_offset + torch.randint(0, C, (len(t[::3]),))  # targets in the slice
+    t[1::5] = opt.ignore_index
+    out = {}
+    for dev in ("cpu", "cuda"):
+        xd, td = x.to(dev), t.to(dev)
+        loss, z, lse, tw, grad = ops.cross_entropy_forward(xd, td, None, *opt, compute_grad=True,
+                                                           loss_dtype=torch.float64)
+        gen = torch.Generator().manual_seed(1)
+        g = torch.rand(lse.shape if opt.reduction == 0 else (), dtype=torch.float64, generator=gen).to(dev)
+        gx, _ = ops.cross_entropy_backward(g, torch.zeros_like(g), xd, td, None, lse, tw, *opt)
+        out[dev] = [v.cpu() for v in (loss, z, lse, tw, grad, gx)]
+    tol = TOL[dtype] * (10 if dtype in (torch.float32, torch.float64) else 1)
+    for a, b in zip(out["cpu"], out["cuda"]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b.double(), a.double(), rtol=tol, atol=tol)
+
+
+def test_vocab_parallel_runs_the_cuda_kernels_on_one_rank():
+    # One rank holding the whole vocabulary (gloo needs no second GPU): the same loss and gradient
+    # as fastce.cross_entropy, through the slice options on CUDA.
+    import tempfile
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
+        try:
+            x = torch.randn(64, 5003, device="cuda", dtype=torch.bfloat16)
+            t = torch.randint(0, 5003, (64,), device="cuda")
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            la = fastce.vocab_parallel_cross_entropy(xa, t, label_smoothing=0.1, vocab_start=0, vocab_size=5003)
+            lb = fastce.cross_entropy(xb, t, label_smoothing=0.1)
+            la.backward()
+            lb.backward()
+        finally:
+            dist.destroy_process_group()
+    torch.testing.assert_close(la.float(), lb.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(xa.grad.float(), xb.grad.float(), rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(8, 262144), (4096, 32000), (3, 5)])

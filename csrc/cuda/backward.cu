@@ -1,46 +1,75 @@
-// Backward kernels: the gradient of the logits (and of probability targets) in one
-// pass, recomputing softmax from the logits and the saved lse. The math is the CPU
-// backend's (csrc/cpu/row_kernels.h, GradCoef): in z-space the gradient of one row is
-//   p_c * coef_p - w_c * (coef_w + coef_wy * y_c)  - coef_target at the target class,
-// times dz/dx. The per-row coefficients fold in the incoming gradient, the reduction,
-// label smoothing and the z-loss.
-//
-// The target class: p_t - 1 from exp(z_t - lse) keeps p_t's float rounding (about 1e-7),
-// which is most of 1 - p_t on very confident rows. So the main pass sums p_c over the other
-// classes, and target_kernel writes the target's gradient with 1 - p_t = sum_{c != t} p_c,
-// accurate to float rounding however confident the row is.
+// Backward kernels: the gradient of the logits (and of probability targets) in one pass,
+// recomputing softmax from the logits and the saved lse. The coefficients are the CPU backend's
+// (rules.h: grad_coef), computed per row in double; in z-space the gradient of a row is
+//   p_c * coef_p - w_c * (coef_w + coef_wy * y_c) - coef_target * [c == target],
+// times dz/dx. As on the CPU, the main pass writes every class without the target term and the
+// target's element is then written again with it.
 #include "common.cuh"
 
 namespace fastce::cuda {
 namespace {
 
-// Coefficients of one row (see GradCoef in csrc/cpu/row_kernels.h), computed in double.
-template <class A>
-struct Coefs {
-  A cp, cw, cwy, ct, cp_minus_ct;
-};
-
-template <class A, bool Prob>
-__device__ __forceinline__ Coefs<A> row_coefs(const BackwardArgs& a, int64_t r, int64_t t) {
-  const Rows& v = a.v;
-  const A* w = static_cast<const A*>(v.weight);
-  const int64_t i = a.reduction == 0 ? r : 0;
-  const double div = a.reduction == 1 ? double(*static_cast<const A*>(a.total_weight)) : 1.0;
-  const double g = double(static_cast<const A*>(a.grad_loss)[i]) / div;
-  const double g_z = double(static_cast<const A*>(a.grad_zloss)[i]) / div;
-  const double eps = v.label_smoothing, C = double(v.classes), sq = v.lse_square_scale;
-  const double ws = eps > 0 && w != nullptr ? *v.weight_sum : C;  // sum of the class weights
-  const double smooth = eps > 0 ? eps / C * ws : 0.0;
-  const double lse = static_cast<const double*>(a.lse)[r];
-  const bool t_ok = !Prob && t >= 0 && t < v.classes;
-  const double w_r = t_ok && w != nullptr ? double(w[t]) : 1.0;
-  const double swy = Prob ? double(static_cast<const A*>(a.sum_wy)[r]) : w_r;
-  const double cp = g * ((1.0 - eps) * swy + smooth) + 2.0 * sq * w_r * lse * (g + g_z);
-  const double ct = Prob ? 0.0 : g * (1.0 - eps) * w_r;
-  return {A(cp), A(eps > 0 ? g * eps / C : 0.0), A(g * (1.0 - eps)), A(ct), A(cp - ct)};
+// An incoming value of the backward (see Values), at index i.
+__device__ __forceinline__ double value_at(const Values& v, int64_t i, double absent) {
+  if (v.data == nullptr) return absent;
+  switch (v.dtype) {
+    case Dtype::Float64: return static_cast<const double*>(v.data)[i];
+    case Dtype::BFloat16: return double(load1(static_cast<const __nv_bfloat16*>(v.data) + i));
+    case Dtype::Float16: return double(load1(static_cast<const __half*>(v.data) + i));
+    default: return double(static_cast<const float*>(v.data)[i]);
+  }
 }
 
-// Probability targets: sum over the row of w_c * y_c, one warp per row.
+// Row r's lse as the CPU backend takes it: the saved one, or for a huge row its max and
+// log-sum recomputed from the logits (huge_lse_kernel).
+__device__ __forceinline__ RowLse row_lse_of(const BackwardArgs& a, int64_t r) {
+  const double lse = a.lse[r];
+  return a.huge_lse != nullptr && huge_lse(lse) ? a.huge_lse[r] : RowLse{0.0, lse};
+}
+
+// The gradient coefficients of row r (not ignored): rules.h's grad_coef, with the row's
+// incoming gradients divided by the mean's divisor.
+template <class A, bool Prob>
+__device__ __forceinline__ GradCoef row_grad_coef(const BackwardArgs& a, int64_t r, const RowLse& l,
+                                                  const RowTarget& t) {
+  const Rows& v = a.v;
+  const A* w = static_cast<const A*>(v.weight);
+  const int64_t i = v.opt.reduction == kNone ? r : 0;
+  const double div = grad_divisor(value_at(a.total_weight, 0, 0.0), v.opt.reduction);
+  const double g = value_at(a.grad_loss, i, 1.0) / div, g_z = value_at(a.grad_zloss, i, 0.0) / div;
+  const double w_r = t.local >= 0 && w != nullptr ? double(w[t.local]) : 1.0;
+  const double V = double(vocabulary(v.opt, v.classes));
+  const double weight_sum_all = v.opt.vocab_size >= 0 ? V : class_weight_sum(v);  // slices take no weights
+  return grad_coef(l, g, g_z, Prob, w_r, t.local, v.opt.label_smoothing, V, weight_sum_all,
+                   v.opt.lse_square_scale, Prob ? a.sum_wy[r] : 0.0);
+}
+
+// A row's lse as two floats, hi + lo (as the CPU's piece_grad splits it): z - lse stays exact
+// for large logits, and for a shifted row hi is its max and lo the log of its sum.
+template <class A>
+struct LseSplit {
+  A hi, lo;
+};
+template <class A>
+__device__ __forceinline__ LseSplit<A> split_lse(const GradCoef& k) {
+  const bool shifted = k.lse_shift != 0.0;
+  const A hi = shifted ? A(k.lse_shift) : A(k.lse);
+  return {hi, A(shifted ? k.lse : k.lse - double(hi))};
+}
+
+// The target's gradient, with the coef_target term, evaluated in double from its logit x_t: the
+// GPU's float exp carries up to 2 ulp, which on a confident row (1 - p_t ~ 1e-5) would be a
+// percent of the target's gradient; one double exp per row (and an lse whose sum kept the
+// small terms: Stats) leaves only the output's rounding.
+template <class A, bool Cap>
+__device__ double target_grad(const Transform<A, Cap>& tf, A x_t, double w_t, const GradCoef& k) {
+  A slope;
+  const A z = tf.z_and_slope(x_t, slope);
+  const double p = exp((double(z) - k.lse_shift) - k.lse);
+  return (p * k.coef_p - w_t * k.coef_w - k.coef_target) * double(slope);
+}
+
+// Probability targets: sum over the row of w_c * y_c (unsmoothed), one warp per row.
 template <class T>
 __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) {
   using A = acc_t<T>;
@@ -48,8 +77,7 @@ __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) 
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
   const A* w = static_cast<const A*>(v.weight);
-  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
-       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for_each_warp_item(v.rows, [&](int64_t r) {
     const T* yr = static_cast<const T*>(v.y) + r * v.y_stride;
     A acc = 0;
     auto vecs = [&](int64_t c, auto n) {
@@ -64,94 +92,92 @@ __global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) 
     auto one = [&](int64_t c) { acc += A(load1(yr + c)) * (w != nullptr ? w[c] : A(1)); };
     walk(yr, 0, v.classes, element_aligned(yr), lane, vecs, one);
     acc = warp_sum(acc);
-    if (lane == 0) static_cast<A*>(a.sum_wy)[r] = acc;
-  }
+    if (lane == 0) a.sum_wy[r] = double(acc);
+  });
 }
 
-// Each row's lse as (shift, rel), one warp per row, before any gradient is written (in place,
-// over the logits): the float64 lse split in two floats (z - shift - rel keeps what one float
-// would round away, |lse| * 2^-24), or for a row whose lse is huge its max and log-sum again
-// from the logits (see kHugeLse).
+// Rows whose lse is huge (see RowLse): their max and log-sum again from the logits, one warp
+// per row, before any gradient is written (in place, over the logits). Other rows keep their
+// saved lse (row_lse_of).
 template <class T, bool Cap>
-__global__ void __launch_bounds__(kThreads) lse_parts_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kThreads) huge_lse_kernel(const BackwardArgs a) {
   using A = acc_t<T>;
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
-  const Transform<A, Cap> tf(v);
-  A* parts = static_cast<A*>(a.lse_parts);
-  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
-       r += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const double lse = static_cast<const double*>(a.lse)[r];
-    const bool ignored = v.y == nullptr && v.target[r] == v.ignore_index;
-    if (ignored || !huge_lse(lse)) {
-      const A hi = A(lse);
-      if (lane == 0) parts[2 * r] = hi, parts[2 * r + 1] = fabs(lse) < INFINITY ? A(lse - double(hi)) : A(0);
-      continue;
-    }
+  const Transform<A, Cap> tf(v.opt);
+  const SumsOf<A> none{nullptr, false, {A(1), A(0)}};  // the exponentials only
+  for_each_warp_item(v.rows, [&](int64_t r) {
+    if (ignored_row(v, r) || !huge_lse(a.lse[r])) return;
     const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
-    Stats<A> st = lane_stats<false>(xr, static_cast<const T*>(nullptr), tf, static_cast<const A*>(nullptr), false,
-                                    0, v.classes, lane);
+    Stats<A> st = lane_stats<false>(xr, static_cast<const T*>(nullptr), tf, none, 0, v.classes, lane);
     warp_merge(st);
-    if (lane == 0) parts[2 * r] = st.m, parts[2 * r + 1] = log_acc(st.s);
-  }
+    if (lane == 0) a.huge_lse[r] = lse_of(st);
+  });
 }
 
-// One warp per unit (row, or piece of a row). gx may be x itself (in-place backward):
-// every element is read and then written by the same lane, and the target's logit is
-// saved before any lane writes (see the __syncwarp below).
+// Zeros over [b, e) of an ignored row's gradient, without reading the logits.
+template <class T>
+__device__ __forceinline__ void write_zeros(T* gxr, int64_t b, int64_t e, int lane) {
+  using A = acc_t<T>;
+  constexpr int kVec = Traits<T>::kVec;
+  auto zeros = [&](int64_t c, auto n) {
+    constexpr int N = decltype(n)::value;
+    A z[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) z[k] = A(0);
+#pragma unroll
+    for (int j = 0; j < N; ++j) store_vec(gxr + c + j * kWarp * kVec, z);
+  };
+  walk(gxr, b, e, element_aligned(gxr), lane, zeros, [&](int64_t c) { store1(gxr + c, A(0)); });
+}
+
+// One warp per unit (row, or piece of a row). gx may be x itself (in-place backward): every
+// element is read and then written by the same lane, and the target's logit is read by the
+// whole warp before any lane writes.
 template <class T, bool Prob, bool Cap, bool GradY>
 __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
   using A = acc_t<T>;
   constexpr int kVec = Traits<T>::kVec;
-  constexpr int64_t kStride = kWarp * kVec;  // elements between a lane's vectors (a power of 2)
+  constexpr int64_t kStride = kWarp * kVec;  // elements between a lane's vectors
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
-  const Transform<A, Cap> tf(v);
+  const Transform<A, Cap> tf(v.opt);
   const A* w = static_cast<const A*>(v.weight);
   // Class weights enter only through coef_w (label smoothing) and coef_wy (targets).
-  const bool need_w = w != nullptr && (Prob || v.label_smoothing > 0);
+  const bool need_w = w != nullptr && (Prob || v.opt.label_smoothing > 0);
   const int64_t units = v.rows * v.chunks;
-  for (int64_t u = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; u < units;
-       u += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for_each_warp_item(units, [&](int64_t u) {
     const Unit un = unit_of(v, u);
     const int64_t r = un.row;
     const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
     const T* yr = Prob ? static_cast<const T*>(v.y) + r * v.y_stride : nullptr;
     T* gxr = static_cast<T*>(a.gx) + r * a.gx_stride;
     T* gyr = GradY ? static_cast<T*>(a.gy) + r * a.gy_stride : nullptr;
-    const int64_t t = Prob ? -1 : v.target[r];
-    if (!Prob && t == v.ignore_index) {  // zeros, without reading the logits
-      auto zeros = [&](int64_t c, auto n) {
-        constexpr int N = decltype(n)::value;
-        A z[kVec];
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) z[k] = A(0);
-#pragma unroll
-        for (int j = 0; j < N; ++j) store_vec(gxr + c + j * kStride, z);
-      };
-      walk(gxr, un.begin, un.end, element_aligned(gxr), lane, zeros, [&](int64_t c) { store1(gxr + c, A(0)); });
-      continue;
+    const RowTarget t = Prob ? RowTarget{false, -1} : target_of(v, r);
+    if (t.ignored) {
+      write_zeros(gxr, un.begin, un.end, lane);
+      return;
     }
-    if constexpr (!Prob) CUDA_KERNEL_ASSERT(t >= 0 && t < v.classes && "Target is out of bounds");
-    const bool t_ok = !Prob && t >= 0 && t < v.classes;
-    const Coefs<A> k = row_coefs<A, Prob>(a, r, t);
-    const A shift = static_cast<const A*>(a.lse_parts)[2 * r], rel = static_cast<const A*>(a.lse_parts)[2 * r + 1];
+    const GradCoef k = row_grad_coef<A, Prob>(a, r, row_lse_of(a, r), t);
+    const LseSplit<A> lse = split_lse<A>(k);
+    const A cp = A(k.coef_p), cw = A(k.coef_w), cwy = A(k.coef_wy), cgy = A(k.coef_grad_y);
 
-    // The target's logit, saved for target_kernel before any lane overwrites it.
-    if (t_ok && t >= un.begin && t < un.end) {
-      if (lane == 0) static_cast<A*>(a.x_target)[r] = A(load1(xr + t));
+    // The target's gradient, from its logit read before any lane of the warp overwrites it.
+    const bool target_here = t.local >= un.begin && t.local < un.end;
+    double target_g = 0.0;
+    if (target_here) {
+      target_g = target_grad(tf, A(load1(xr + t.local)), w != nullptr ? double(w[t.local]) : 1.0, k);
       __syncwarp();
     }
 
-    A others = 0;  // sum of p_c over this lane's classes other than the target
-    // Gradient of one element without the target term; gy: d loss / d y_c.
-    auto grad = [&](A x, A y, A wc, A& p, A& gy) {
+    // The gradient of one element without the target term; gy: d loss / d y_c.
+    auto grad = [&](A x, A y, A wc, A& gy) {
       A slope;
       const A z = tf.z_and_slope(x, slope);
-      p = exp_neg((z - shift) - rel);
-      const A sub = Prob ? k.cw + k.cwy * y : k.cw;
-      if constexpr (GradY) gy = k.cwy * wc * ((shift - z) + rel);
-      return (p * k.cp - wc * sub) * slope;
+      const A p = exp_neg((z - lse.hi) - lse.lo);
+      const A sub = Prob ? cw + cwy * y : cw;
+      if constexpr (GradY) gy = cgy * wc * ((lse.hi - z) + lse.lo);
+      return (p * cp - wc * sub) * slope;
     };
     auto vecs = [&](int64_t c, auto n) {
       constexpr int N = decltype(n)::value;
@@ -161,20 +187,11 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
         load_vec(xr + c + j * kStride, x + j * kVec);
         if constexpr (Prob) load_vec(yr + c + j * kStride, y + j * kVec);
       }
-      // Slot of the target in this lane's batch, or -1 (rare: a branch, not a compare per element).
-      const int64_t rel = t - c;
-      const int hit = !Prob && rel >= 0 && rel < N * kStride && (rel & (kStride - 1)) < kVec
-                          ? int(rel / kStride) * kVec + int(rel & (kStride - 1)) : -1;
-      auto body = [&](auto with_target) {
 #pragma unroll
-        for (int i = 0; i < N * kVec; ++i) {
-          const A wc = need_w ? w[c + (i / kVec) * kStride + i % kVec] : A(1);
-          A p;
-          gx[i] = grad(x[i], Prob ? y[i] : A(0), wc, p, gy[GradY ? i : 0]);
-          if constexpr (!Prob) others += decltype(with_target)::value && i == hit ? A(0) : p;
-        }
-      };
-      if (hit >= 0) body(std::true_type{}); else body(std::false_type{});
+      for (int i = 0; i < N * kVec; ++i) {
+        const A wc = need_w ? w[c + (i / kVec) * kStride + i % kVec] : A(1);
+        gx[i] = grad(x[i], Prob ? y[i] : A(0), wc, gy[GradY ? i : 0]);
+      }
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         store_vec(gxr + c + j * kStride, gx + j * kVec);
@@ -182,46 +199,20 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
       }
     };
     auto one = [&](int64_t c) {
-      A p, gy = 0;
+      A gy = 0;
       const A y = Prob ? A(load1(yr + c)) : A(0);
-      store1(gxr + c, grad(A(load1(xr + c)), y, need_w ? w[c] : A(1), p, gy));
+      store1(gxr + c, grad(A(load1(xr + c)), y, need_w ? w[c] : A(1), gy));
       if constexpr (GradY) store1(gyr + c, gy);
-      if (c != t) others += p;
     };
-    const bool vec_ok = element_aligned(gxr) && same_alignment<T>(gxr, xr) &&
-                        same_alignment<T>(gxr, yr) && same_alignment<T>(gxr, gyr);
+    const bool vec_ok = element_aligned(gxr) && same_alignment<T>(gxr, xr) && same_alignment<T>(gxr, yr) &&
+                        same_alignment<T>(gxr, gyr);
     walk(gxr, un.begin, un.end, vec_ok, lane, vecs, one);
-    if constexpr (!Prob) {
-      others = warp_sum(others);
-      if (lane == 0) static_cast<A*>(a.others)[u] = others;
-    }
-  }
-}
 
-// Class-index targets, after grad_kernel: the target's gradient of each row, one thread
-// per row: p_t * coef_p - w_t * coef_w - coef_target with p_t - 1 = -sum_{c != t} p_c.
-template <class T, bool Cap>
-__global__ void __launch_bounds__(kThreads) target_kernel(const BackwardArgs a) {
-  using A = acc_t<T>;
-  const Rows& v = a.v;
-  const Transform<A, Cap> tf(v);
-  const A* w = static_cast<const A*>(v.weight);
-  const bool need_w = w != nullptr && v.label_smoothing > 0;
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < v.rows;
-       r += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = v.target[r];
-    if (t == v.ignore_index || t < 0 || t >= v.classes) continue;  // grad_kernel asserted
-    const Coefs<A> k = row_coefs<A, false>(a, r, t);
-    const A* part = static_cast<const A*>(a.others) + r * v.chunks;
-    A others = 0;
-    for (int64_t j = 0; j < v.chunks; ++j) others += part[j];
-    A slope;
-    const A z = tf.z_and_slope(static_cast<const A*>(a.x_target)[r], slope);
-    const A* parts = static_cast<const A*>(a.lse_parts) + 2 * r;
-    const A p = exp_neg((z - parts[0]) - parts[1]);
-    const A wc = need_w ? w[t] : A(1);
-    store1(static_cast<T*>(a.gx) + r * a.gx_stride + t, (p * k.cp_minus_ct - others * k.ct - wc * k.cw) * slope);
-  }
+    if (target_here) {  // after every lane's writes (__syncwarp orders them)
+      __syncwarp();
+      if (lane == 0) store_double(gxr + t.local, target_g);
+    }
+  });
 }
 
 }  // namespace
@@ -232,23 +223,22 @@ void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   with_dtype(a.v.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_flag(a.v.y != nullptr, [&](auto prob) {
-      with_flag(a.v.softcap > 0, [&](auto cap) {
+      with_flag(a.v.opt.softcap > 0, [&](auto cap) {
         with_flag(a.gy != nullptr, [&](auto grad_y) {
           constexpr bool kProb = decltype(prob)::value, kCap = decltype(cap)::value;
           constexpr bool kGradY = decltype(grad_y)::value;
           if constexpr (kProb || !kGradY) {  // a target gradient needs probability targets
+            const unsigned row_blocks = grid_for(a.v.rows, kWarpsPerBlock);
             if constexpr (kProb) {
-              sum_wy_kernel<T><<<grid_for(a.v.rows, kWarpsPerBlock), kThreads, 0, stream>>>(a);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              sum_wy_kernel<T><<<row_blocks, kThreads, 0, stream>>>(a);
+              FASTCE_LAUNCH_CHECK();
             }
-            lse_parts_kernel<T, kCap><<<grid_for(a.v.rows, kWarpsPerBlock), kThreads, 0, stream>>>(a);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            if (a.huge_lse != nullptr) {
+              huge_lse_kernel<T, kCap><<<row_blocks, kThreads, 0, stream>>>(a);
+              FASTCE_LAUNCH_CHECK();
+            }
             grad_kernel<T, kProb, kCap, kGradY><<<grid_for(units, kWarpsPerBlock), kThreads, 0, stream>>>(a);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            if constexpr (!kProb) {
-              target_kernel<T, kCap><<<grid_for(a.v.rows, kThreads), kThreads, 0, stream>>>(a);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            }
+            FASTCE_LAUNCH_CHECK();
           }
         });
       });

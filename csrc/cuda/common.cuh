@@ -1,17 +1,42 @@
-// Device helpers shared by the forward and backward kernels: dtype traits with
-// 16-byte vector loads/stores, the logit transform, online-softmax statistics with
-// warp butterflies, and the walk over one row piece that vectorizes whatever can be.
+// Device helpers shared by the forward and backward kernels: dtype traits with 16-byte vector
+// loads/stores, the logit transform (rules.h), online-softmax statistics with warp butterflies,
+// the walk over one row piece that vectorizes whatever can be, and where a row's target lies.
+// The loss and gradient formulas themselves are rules.h's, the CPU backend's.
 #pragma once
-#include <c10/cuda/CUDAException.h>
-#include <c10/macros/Macros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "launch.h"
+
+// A failed check in a kernel is a device-side assert, as in torch's own kernels ("device-side
+// assert triggered"); always compiled in (NDEBUG does not remove it). The emulation
+// (tests/cuda_emulation) defines its own first.
+#ifndef FASTCE_KERNEL_ASSERT
+#include <cassert>
+#ifdef NDEBUG  // then <cassert> declares no __assert_fail: glibc's declaration, on the device too
+extern "C" {
+#ifdef __CUDA_ARCH__
+__host__ __device__
+#endif
+void __assert_fail(const char* assertion, const char* file, unsigned int line, const char* function) noexcept
+    __attribute__((__noreturn__));
+}
+#endif
+#define FASTCE_KERNEL_ASSERT(cond)                                                   \
+  do {                                                                               \
+    if (!(cond)) __assert_fail(#cond, __FILE__, static_cast<unsigned>(__LINE__), __func__); \
+  } while (0)
+#endif
+// After each launch: a launch that failed (bad configuration, no device) throws.
+#ifndef FASTCE_LAUNCH_CHECK
+#define FASTCE_LAUNCH_CHECK() ::fastce::cuda::check_launch(cudaGetLastError())
+#endif
 
 namespace fastce::cuda {
 
@@ -20,6 +45,10 @@ constexpr int kWarpsPerBlock = 8;  // several rows (or row pieces) per block
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int kBatch = 4;          // 16-byte vectors in flight per lane per step
 constexpr unsigned kFull = 0xffffffffu;
+
+inline void check_launch(cudaError_t e) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("fastce: CUDA kernel launch failed: ") + cudaGetErrorString(e));
+}
 
 // ---- dtypes -------------------------------------------------------------------------
 // Acc: accumulation type; kVec: elements per 16-byte vector.
@@ -93,14 +122,11 @@ __device__ __forceinline__ void store_vec(__half* p, const float* v) {
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Output of a reduced result (computed in double) in the input's dtype.
-template <class T> __device__ __forceinline__ T from_double(double v);
-template <> __device__ __forceinline__ float from_double<float>(double v) { return float(v); }
-template <> __device__ __forceinline__ double from_double<double>(double v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_double<__nv_bfloat16>(double v) {
-  return __double2bfloat16(v);
-}
-template <> __device__ __forceinline__ __half from_double<__half>(double v) { return __double2half(v); }
+// A result computed in double, rounded once to the element type.
+__device__ __forceinline__ void store_double(float* p, double v) { *p = float(v); }
+__device__ __forceinline__ void store_double(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store_double(__nv_bfloat16* p, double v) { *p = __double2bfloat16(v); }
+__device__ __forceinline__ void store_double(__half* p, double v) { *p = __double2half(v); }
 
 // ---- math -------------------------------------------------------------------------------
 // exp(d) for d <= 0 (d = z - max or z - lse). exp2 of d*log2(e) is one MUFU op; rounding
@@ -112,49 +138,54 @@ __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
 __device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }  // ignores NaN
 __device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
-__device__ __forceinline__ float tanh_acc(float v) { return tanhf(v); }
 // Products that the compiler may not fuse into an FMA (keeps merge() symmetric).
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
 
-// z = logit_scale * x, soft-capped when Cap: z = softcap * tanh(logit_scale * x / softcap).
+// The logit transform of rules.h, in its capped or scaled form (kernels are compiled per form).
 template <class A, bool Cap>
 struct Transform {
-  A scale, cap, u_coef;
-  __device__ explicit Transform(const Rows& v)
-      : scale(A(v.logit_scale)), cap(A(v.softcap)),
-        u_coef(v.softcap > 0 ? A(v.logit_scale / v.softcap) : A(0)) {}
+  LogitTransform<A> t;
+  __device__ explicit Transform(const LossOptions& o) : t(logit_transform<A>(o)) {}
   __device__ __forceinline__ A z(A x) const {
-    if constexpr (Cap) return tanh_acc(x * u_coef) * cap; else return x * scale;
+    if constexpr (Cap) return capped_z(t, x); else return scaled_z(t, x);
   }
   __device__ __forceinline__ A z_and_slope(A x, A& slope) const {  // slope = dz/dx
-    if constexpr (Cap) {
-      const A t = tanh_acc(x * u_coef);
-      slope = (A(1) - t * t) * scale;
-      return t * cap;
-    } else {
-      slope = scale;
-      return x * scale;
-    }
+    if constexpr (Cap) return capped_z_slope(t, x, slope);
+    slope = t.scale;
+    return scaled_z(t, x);
   }
 };
 
 // ---- online softmax statistics ------------------------------------------------------------
-// max of z (NaN ignored) and sum of exp(z - max); a NaN logit makes s NaN, which
-// propagates through every merge to the lse. Plus the linear sums the loss needs.
+// max of z (NaN ignored) and the sum of exp(z - max), kept as top, the number of logits equal
+// to the max (each contributes exactly 1), plus rest, the sum over the others: rest is summed
+// among terms of its own size, so that a confident row (1 + 1e-5) keeps the 1e-5 to float
+// precision instead of rounding it against the 1. Its lse then carries no more than float64's
+// error, and the target's gradient p_t - 1 from exp(z_t - lse) stays accurate (backward.cu).
+// A NaN logit makes rest NaN, which propagates through every merge to the lse. Plus the linear
+// sums the loss needs (RowSums).
 template <class A>
 struct Stats {
-  A m = -INFINITY, s = 0, wz = 0, wyz = 0, wy = 0;
+  A m = -INFINITY, top = 0, rest = 0, wz = 0, wyz = 0, wy = 0;
 };
 
-// Folds b into a. Commutative bit for bit (fmax, sums and products of the same two
+// The max that exponentials are taken against: 0 while everything is -inf (no -inf - -inf).
+template <class A>
+__device__ __forceinline__ A exp_base(A m) {
+  return m == -INFINITY ? A(0) : m;
+}
+
+// Folds b into a. Commutative bit for bit (fmax, sums and unfused products of the same two
 // terms), so both lanes of a butterfly end up with identical values.
 template <class A>
 __device__ __forceinline__ void merge(Stats<A>& a, const Stats<A>& b) {
-  const A m = max_acc(a.m, b.m);
-  const A base = m == -INFINITY ? A(0) : m;  // all -inf so far: avoid -inf - -inf
-  a.s = mul_rn(a.s, exp_neg(a.m - base)) + mul_rn(b.s, exp_neg(b.m - base));
+  const A m = max_acc(a.m, b.m), base = exp_base(m);
+  auto top = [&](const Stats<A>& s) { return s.m == m ? s.top : A(0); };
+  auto rest = [&](const Stats<A>& s) { return s.m == m ? s.rest : mul_rn(s.top + s.rest, exp_neg(s.m - base)); };
+  const A merged_top = top(a) + top(b);
+  a.rest = rest(a) + rest(b);
+  a.top = merged_top;
   a.m = m;
   a.wz += b.wz;
   a.wyz += b.wyz;
@@ -172,7 +203,8 @@ __device__ __forceinline__ void warp_merge(Stats<A>& st) {
   for (int off = kWarp / 2; off > 0; off >>= 1) {
     Stats<A> o;
     o.m = shfl_xor(st.m, off);
-    o.s = shfl_xor(st.s, off);
+    o.top = shfl_xor(st.top, off);
+    o.rest = shfl_xor(st.rest, off);
     o.wz = shfl_xor(st.wz, off);
     o.wyz = shfl_xor(st.wyz, off);
     o.wy = shfl_xor(st.wy, off);
@@ -230,30 +262,51 @@ __device__ __forceinline__ bool element_aligned(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) % sizeof(T)) == 0;
 }
 
+// What the statistics sum besides the exponentials (see RowSums): class weights w (or
+// nullptr), sum_c w_c z_c (need_wz: label smoothing of class indices), and for probability
+// targets their smoothing.
+template <class A>
+struct SumsOf {
+  const A* w;
+  bool need_wz;
+  SmoothedTarget<A> y;
+};
+template <class A, bool Prob>
+__device__ __forceinline__ SumsOf<A> sums_of(const Rows& v) {
+  const double eps = v.opt.label_smoothing;
+  return {static_cast<const A*>(v.weight), !Prob && eps > 0, smoothed_target<A>(Prob ? eps : 0.0, v.classes)};
+}
+
 // Folds K logits (transformed in place into z) and their targets into st: one max
 // over the batch, one rescale of the running sum, one exp per element.
 template <int K, bool Prob, bool Cap, class A, class Index>
 __device__ __forceinline__ void accumulate(Stats<A>& st, A* z, const A* y, const Transform<A, Cap>& tf,
-                                           const A* w, bool need_wz, Index index) {
+                                           const SumsOf<A>& sums, Index index) {
   A m = st.m;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     z[k] = tf.z(z[k]);
     m = max_acc(m, z[k]);
   }
-  const A base = m == -INFINITY ? A(0) : m;
-  A s = st.s * exp_neg(st.m - base);
+  const A base = exp_base(m);
+  if (m != st.m) {  // a new max: what was summed so far becomes rest, rescaled
+    st.rest = (st.top + st.rest) * exp_neg(st.m - base);
+    st.top = A(0);
+    st.m = m;
+  }
 #pragma unroll
-  for (int k = 0; k < K; ++k) s += exp_neg(z[k] - base);
-  st.s = s;
-  st.m = m;
-  if (Prob || need_wz) {
+  for (int k = 0; k < K; ++k) {
+    const bool at_max = z[k] == base;
+    st.top += at_max ? A(1) : A(0);
+    st.rest += at_max ? A(0) : exp_neg(z[k] - base);
+  }
+  if (Prob || sums.need_wz) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const A wk = w != nullptr ? w[index(k)] : A(1);
-      if (need_wz) st.wz += wk * z[k];
+      const A wk = sums.w != nullptr ? sums.w[index(k)] : A(1);
+      if (sums.need_wz) st.wz += wk * z[k];
       if constexpr (Prob) {
-        const A yw = y[k] * wk;
+        const A yw = (y[k] * sums.y.keep + sums.y.add) * wk;
         st.wyz += yw * z[k];
         st.wy += yw;
       }
@@ -264,8 +317,8 @@ __device__ __forceinline__ void accumulate(Stats<A>& st, A* z, const A* y, const
 // This lane's statistics of x[b, e) of one row (y: its probability targets, or nullptr);
 // warp_merge combines the lanes'.
 template <bool Prob, class T, class A, bool Cap>
-__device__ __forceinline__ Stats<A> lane_stats(const T* xr, const T* yr, const Transform<A, Cap>& tf, const A* w,
-                                               bool need_wz, int64_t b, int64_t e, int lane) {
+__device__ __forceinline__ Stats<A> lane_stats(const T* xr, const T* yr, const Transform<A, Cap>& tf,
+                                               const SumsOf<A>& sums, int64_t b, int64_t e, int lane) {
   constexpr int kVec = Traits<T>::kVec;
   Stats<A> st;
   auto vecs = [&](int64_t c, auto n) {
@@ -276,27 +329,59 @@ __device__ __forceinline__ Stats<A> lane_stats(const T* xr, const T* yr, const T
       load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
       if constexpr (Prob) load_vec(yr + c + j * kWarp * kVec, y + j * kVec);
     }
-    accumulate<N * kVec, Prob>(st, z, y, tf, w, need_wz,
-                               [&](int k) { return c + (k / kVec) * kWarp * kVec + k % kVec; });
+    accumulate<N * kVec, Prob>(st, z, y, tf, sums, [&](int k) { return c + (k / kVec) * kWarp * kVec + k % kVec; });
   };
   auto one = [&](int64_t c) {
     A z[1] = {A(load1(xr + c))}, y[1] = {A(0)};
     if constexpr (Prob) y[0] = A(load1(yr + c));
-    accumulate<1, Prob>(st, z, y, tf, w, need_wz, [&](int) { return c; });
+    accumulate<1, Prob>(st, z, y, tf, sums, [&](int) { return c; });
   };
   walk(xr, b, e, element_aligned(xr) && same_alignment(xr, yr), lane, vecs, one);
   return st;
 }
 
-// A row's lse is kept as shift + rel: normally the float64 lse split in two floats; where |lse|
-// reaches 2^19 (a row masked with finfo.min, ties at 1e30) float64's own spacing starts to show
-// (as on the CPU: csrc/cpu/cross_entropy_cpu.cpp, RowLse), so such a row has shift = its max
-// and rel = the log of its sum (the backward recomputes them from the logits), and
-// z - lse = (z - shift) - rel stays exact.
-constexpr double kHugeLse = 524288.0;  // 2^19
-__device__ __forceinline__ bool huge_lse(double lse) { return fabs(lse) >= kHugeLse && fabs(lse) < INFINITY; }
+// A row's lse from its merged statistics (rules.h: a NaN logit makes the sum NaN).
+// (A +inf logit: inf - inf, NaN, as the CPU backend's sum of exp(z - max) gives.)
+template <class A>
+__device__ __forceinline__ RowLse lse_of(const Stats<A>& st) {
+  const bool nan = st.rest != st.rest || st.m == A(INFINITY);
+  return row_lse(double(st.m), double(st.top) + double(st.rest), nan);
+}
 
-// Grid-stride loop over work units (one per warp): unit = row * chunks + piece.
+// Where row r's class-index target lies. A target outside [0, V) that is not ignore_index
+// trips a device-side assert; should asserts ever be compiled out it still maps to no class
+// (local = -1), so that nothing out of bounds is read.
+struct RowTarget {
+  bool ignored;
+  int64_t local;  // its index in this input's classes, or -1 (a class of another slice)
+};
+__device__ __forceinline__ RowTarget target_of(const Rows& v, int64_t r) {
+  const int64_t t = v.target[r];
+  if (t == v.opt.ignore_index) return {true, -1};
+  FASTCE_KERNEL_ASSERT(t >= 0 && t < vocabulary(v.opt, v.classes) && "Target is out of bounds");
+  const int64_t local = t - v.opt.class_offset;
+  return {false, local >= 0 && local < v.classes ? local : -1};
+}
+// Class-index rows whose target is ignore_index read no logits and have no loss.
+__device__ __forceinline__ bool ignored_row(const Rows& v, int64_t r) {
+  return v.target != nullptr && v.target[r] == v.opt.ignore_index;
+}
+
+// sum_c w_c over this input's classes (C without weights), as label smoothing uses it.
+__device__ __forceinline__ double class_weight_sum(const Rows& v) {
+  return v.weight != nullptr && v.opt.label_smoothing > 0 ? *v.weight_sum : double(v.classes);
+}
+
+// A grid-stride loop over n items, one per warp: f(i) for this warp's items. Every lane of the
+// warp calls f with the same i, so f may use warp collectives (and `return` ends an item).
+template <class F>
+__device__ __forceinline__ void for_each_warp_item(int64_t n, F&& f) {
+  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock)
+    f(i);
+}
+
+// Work units (one per warp): unit = row * chunks + piece.
 struct Unit {
   int64_t row, begin, end;
 };

@@ -5,73 +5,58 @@
 namespace fastce::cuda {
 namespace {
 
-constexpr int kPartial = 5;         // floats per piece: m, s, wz, wyz, wy
+static_assert(sizeof(Stats<float>) == kPartialValues * sizeof(float), "a piece's statistics: see ForwardArgs");
 constexpr int kReduceThreads = 1024;
 
-// sum_c m_c (max - z_c) over one row in double, logit by logit, with m_c = w_c (yr null) or
-// w_c y'_c (probability targets, y' smoothed): for rows with a huge lse only (see kHugeLse),
-// where the float sums of m_c z_c would cancel against max * sum_c m_c.
+// sum_c m_c (shift - z_c) over one row in double, logit by logit, with m_c = w_c (yr null) or
+// w_c y'_c (probability targets): RowSums::gap, for rows with a huge lse only, computed as the
+// CPU backend computes it.
 template <class T, class A, bool Cap>
-__device__ double weighted_gap(const Rows& v, const T* xr, const T* yr, const Transform<A, Cap>& tf, double max) {
+__device__ double weighted_gap(const Rows& v, const T* xr, const T* yr, const Transform<A, Cap>& tf, double shift) {
   const A* w = static_cast<const A*>(v.weight);
-  const double eps = v.label_smoothing, C = double(v.classes);
+  const double eps = v.opt.label_smoothing, C = double(v.classes);
   double gap = 0.0;
   for (int64_t c = 0; c < v.classes; ++c) {
-    const double wc = w != nullptr ? double(w[c]) : 1.0;
-    const double m = yr != nullptr ? (1.0 - eps) * wc * double(A(load1(yr + c))) + eps / C * wc : wc;
-    gap += m * (max - double(tf.z(A(load1(xr + c)))));
+    const A wc = w != nullptr ? w[c] : A(1);
+    const double m = yr != nullptr ? (1.0 - eps) * double(A(load1(yr + c)) * wc) + eps / C * double(wc) : double(wc);
+    gap += m * (shift - double(tf.z(A(load1(xr + c)))));
   }
   return gap;
 }
 
-// Lane 0 of the row's warp: the loss of row r from its merged statistics, exactly as the
-// CPU backend combines them (in double).
+// Lane 0 of the row's warp: the loss of row r from its merged statistics, by the rules the CPU
+// backend uses (rules.h), in double.
 template <class T, bool Prob, bool Cap>
 __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>>& st,
                            const Transform<acc_t<T>, Cap>& tf) {
   using A = acc_t<T>;
   const Rows& v = a.v;
-  double* lse = static_cast<double*>(a.lse);
-  A* row_loss = static_cast<A*>(a.row_loss);
-  A* row_zloss = static_cast<A*>(a.row_zloss);
-  A* row_w = static_cast<A*>(a.row_weight);
-  const A* w = static_cast<const A*>(v.weight);
-  const int64_t t = Prob ? 0 : v.target[r];
-  if (!Prob && t == v.ignore_index) {
-    lse[r] = 0.0;
-    row_loss[r] = row_zloss[r] = row_w[r] = A(0);
+  const RowTarget t = Prob ? RowTarget{false, -1} : target_of(v, r);
+  if (t.ignored) {
+    a.lse[r] = a.row_loss[r] = a.row_zloss[r] = a.row_weight[r] = 0.0;
     return;
   }
-  const double eps = v.label_smoothing, C = double(v.classes);
-  const double log_sum = log(double(st.s));
-  const double l = st.m == -INFINITY ? NAN : double(st.m) + log_sum;
-  const bool huge = huge_lse(l);  // then lse - z = (max - z) + log(sum), see kHugeLse
+  const A* w = static_cast<const A*>(v.weight);
   const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
-  // sum_c m_c (lse - z_c) from sum_m = sum_c m_c and sum_mz = sum_c m_c z_c (see weighted_gap)
-  auto weighted_lse_minus_z = [&](double sum_m, double sum_mz, const T* yr) {
-    return huge ? weighted_gap(v, xr, yr, tf, double(st.m)) + log_sum * sum_m : l * sum_m - sum_mz;
-  };
-  const double ws = eps > 0 && w != nullptr ? *v.weight_sum : C;  // sum of the class weights
-  const double smooth = eps > 0 ? eps / C * ws : 0.0;
-  double ce, w_r = 1.0;
+  const T* yr = Prob ? static_cast<const T*>(v.y) + r * v.y_stride : nullptr;
+  const double eps = v.opt.label_smoothing;
+  const RowLse l = lse_of(st);
+  const bool needs_gap = l.shift != 0.0 && (Prob || eps > 0);
+  const RowSums sums{double(st.wz), double(st.wyz), double(st.wy), needs_gap ? weighted_gap(v, xr, yr, tf, l.shift) : 0.0};
+  const bool here = t.local >= 0;
+  const double w_r = here && w != nullptr ? double(w[t.local]) : 1.0;
+  double ce;
   if constexpr (Prob) {
-    const double wy = (1.0 - eps) * double(st.wy) + smooth;
-    const double wyz = (1.0 - eps) * double(st.wyz) + (eps > 0 ? eps / C * double(st.wz) : 0.0);
-    ce = weighted_lse_minus_z(wy, wyz, static_cast<const T*>(v.y) + r * v.y_stride);
+    ce = prob_row_loss(l, sums);
   } else {
-    const bool in_range = t >= 0 && t < v.classes;
-    CUDA_KERNEL_ASSERT(t >= 0 && t < v.classes && "Target is out of bounds");
-    // Should asserts ever be compiled out, a bad target still reads nothing.
-    w_r = in_range && w != nullptr ? double(w[t]) : 1.0;
-    const double z_t = in_range ? double(tf.z(A(load1(xr + t)))) : NAN;
-    ce = (1.0 - eps) * w_r * (huge ? (double(st.m) - z_t) + log_sum : l - z_t);
-    if (eps > 0) ce += eps / C * weighted_lse_minus_z(ws, double(st.wz), static_cast<const T*>(nullptr));
+    const double z_t = here ? double(tf.z(A(load1(xr + t.local)))) : 0.0;
+    ce = class_row_loss(l, here, w_r, z_t, eps, double(vocabulary(v.opt, v.classes)), class_weight_sum(v), sums);
   }
-  const double zl = v.lse_square_scale > 0 ? v.lse_square_scale * w_r * l * l : 0.0;
-  row_loss[r] = A(ce + zl);
-  row_zloss[r] = A(zl);
-  lse[r] = l;
-  row_w[r] = A(w_r);
+  const double zl = z_loss(v.opt.lse_square_scale, w_r, full(l));
+  a.row_loss[r] = ce + zl;
+  a.row_zloss[r] = zl;
+  a.lse[r] = full(l);
+  a.row_weight[r] = w_r;
 }
 
 // One warp per unit (row, or piece of a row when v.chunks > 1).
@@ -80,28 +65,24 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const ForwardArgs a) {
   using A = acc_t<T>;
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
-  const Transform<A, Cap> tf(v);
-  const A* w = static_cast<const A*>(v.weight);
-  const bool need_wz = v.label_smoothing > 0;
+  const Transform<A, Cap> tf(v.opt);
+  const SumsOf<A> sums = sums_of<A, Prob>(v);
   const int64_t units = v.rows * v.chunks;
-  for (int64_t u = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; u < units;
-       u += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for_each_warp_item(units, [&](int64_t u) {
     const Unit un = unit_of(v, u);
     const T* xr = static_cast<const T*>(v.x) + un.row * v.x_stride;
     const T* yr = Prob ? static_cast<const T*>(v.y) + un.row * v.y_stride : nullptr;
     Stats<A> st;
-    if (Prob || v.target[un.row] != v.ignore_index)  // ignored rows read no logits
-      st = lane_stats<Prob>(xr, yr, tf, w, need_wz, un.begin, un.end, lane);
+    if (!ignored_row(v, un.row)) st = lane_stats<Prob>(xr, yr, tf, sums, un.begin, un.end, lane);
     warp_merge(st);
     if (lane == 0) {
       if (v.chunks == 1) {
         finish_row<T, Prob, Cap>(a, un.row, st, tf);
       } else {
-        A* part = static_cast<A*>(a.partial) + u * kPartial;
-        part[0] = st.m; part[1] = st.s; part[2] = st.wz; part[3] = st.wyz; part[4] = st.wy;
+        static_cast<Stats<A>*>(a.partial)[u] = st;
       }
     }
-  }
+  });
 }
 
 // Rows cut into pieces: one warp merges a row's pieces in a fixed order, then finishes it.
@@ -110,20 +91,14 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const ForwardArgs a) {
   using A = acc_t<T>;
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
-  const Transform<A, Cap> tf(v);
-  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarp; r < v.rows;
-       r += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const A* part = static_cast<const A*>(a.partial) + r * v.chunks * kPartial;
+  const Transform<A, Cap> tf(v.opt);
+  for_each_warp_item(v.rows, [&](int64_t r) {
+    const Stats<A>* parts = static_cast<const Stats<A>*>(a.partial) + r * v.chunks;
     Stats<A> st;
-    for (int64_t j = lane; j < v.chunks; j += kWarp) {
-      Stats<A> o;
-      o.m = part[j * kPartial]; o.s = part[j * kPartial + 1]; o.wz = part[j * kPartial + 2];
-      o.wyz = part[j * kPartial + 3]; o.wy = part[j * kPartial + 4];
-      merge(st, o);
-    }
+    for (int64_t j = lane; j < v.chunks; j += kWarp) merge(st, parts[j]);
     warp_merge(st);
     if (lane == 0) finish_row<T, Prob, Cap>(a, r, st, tf);
-  }
+  });
 }
 
 // Sums three per-row arrays over one block, each thread over a fixed stride, then a
@@ -140,26 +115,32 @@ __device__ void block_sum(double (&v)[3]) {
   for (int i = 0; i < 3; ++i) v[i] = sh[i][0];
 }
 
-template <class T>
+// v rounded once to the dtype d, at p.
+__device__ void store_as(Dtype d, void* p, double v) {
+  switch (d) {
+    case Dtype::Float64: return store_double(static_cast<double*>(p), v);
+    case Dtype::BFloat16: return store_double(static_cast<__nv_bfloat16*>(p), v);
+    case Dtype::Float16: return store_double(static_cast<__half*>(p), v);
+    default: return store_double(static_cast<float*>(p), v);
+  }
+}
+
+// The per-row losses, z-losses and weights summed in a fixed order: the total weight and, for
+// 'mean' and 'sum', the reduced loss and z-loss (rules.h: reduce_sum).
 __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const ForwardArgs a) {
-  using A = acc_t<T>;
-  const A* loss = static_cast<const A*>(a.row_loss);
-  const A* zloss = static_cast<const A*>(a.row_zloss);
-  const A* rw = static_cast<const A*>(a.row_weight);
   double sums[3] = {0.0, 0.0, 0.0};
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < a.v.rows; i += kReduceThreads) {
-    sums[0] += double(loss[i]);
-    sums[1] += double(zloss[i]);
-    sums[2] += double(rw[i]);
+    sums[0] += a.row_loss[i];
+    sums[1] += a.row_zloss[i];
+    sums[2] += a.row_weight[i];
   }
   block_sum(sums);
   if (threadIdx.x == 0) {
-    *static_cast<A*>(a.total_weight) = A(sums[2]);
-    if (a.reduction != 0) {
-      const double div = a.reduction == 1 ? sums[2] : 1.0;
-      *static_cast<T*>(a.loss_out) = from_double<T>(sums[0] / div);
-      *static_cast<T*>(a.zloss_out) = from_double<T>(sums[1] / div);
+    store_as(a.v.dtype == Dtype::Float64 ? Dtype::Float64 : Dtype::Float32, a.total_weight, sums[2]);
+    if (a.v.opt.reduction != kNone) {
+      store_as(a.loss_dtype, a.loss_out, reduce_sum(sums[0], sums[2], a.v.opt.reduction));
+      store_as(a.loss_dtype, a.zloss_out, reduce_sum(sums[1], sums[2], a.v.opt.reduction));
     }
   }
 }
@@ -193,22 +174,22 @@ void launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   with_dtype(a.v.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_flag(a.v.y != nullptr, [&](auto prob) {
-      with_flag(a.v.softcap > 0, [&](auto cap) {
+      with_flag(a.v.opt.softcap > 0, [&](auto cap) {
         constexpr bool kProb = decltype(prob)::value, kCap = decltype(cap)::value;
         const int64_t units = a.v.rows * a.v.chunks;
         if (units > 0) {
           stats_kernel<T, kProb, kCap><<<grid_for(units, kWarpsPerBlock), kThreads, 0, stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          FASTCE_LAUNCH_CHECK();
           if (a.v.chunks > 1) {
             merge_kernel<T, kProb, kCap><<<grid_for(a.v.rows, kWarpsPerBlock), kThreads, 0, stream>>>(a);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            FASTCE_LAUNCH_CHECK();
           }
         }
       });
     });
-    reduce_kernel<T><<<1, kReduceThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  reduce_kernel<<<1, kReduceThreads, 0, stream>>>(a);
+  FASTCE_LAUNCH_CHECK();
 }
 
 void launch_weight_sum(Dtype dtype, const void* w, int64_t n, double* out, cudaStream_t stream) {
@@ -216,7 +197,7 @@ void launch_weight_sum(Dtype dtype, const void* w, int64_t n, double* out, cudaS
     weight_sum_kernel<double><<<1, kReduceThreads, 0, stream>>>(static_cast<const double*>(w), n, out);
   else
     weight_sum_kernel<float><<<1, kReduceThreads, 0, stream>>>(static_cast<const float*>(w), n, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FASTCE_LAUNCH_CHECK();
 }
 
 }  // namespace fastce::cuda

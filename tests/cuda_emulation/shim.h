@@ -3,6 +3,17 @@
 // barriers for __syncthreads, __syncwarp and the exchange of __shfl_xor_sync. A shuffle
 // or __syncwarp that not all 32 lanes reach deadlocks here, as it is undefined on a GPU.
 #pragma once
+// The kernels' checks, counted (and reported by the harness) instead of trapping; launches
+// cannot fail on the host.
+void emu_assert_fail(const char* what);
+#define FASTCE_KERNEL_ASSERT(cond) \
+  do {                             \
+    if (!(cond)) emu_assert_fail(#cond); \
+  } while (0)
+#define FASTCE_LAUNCH_CHECK() \
+  do {                        \
+  } while (0)
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -1,8 +1,9 @@
 """The CUDA kernels (csrc/cuda/forward.cu, backward.cu) run on the CPU under a host emulation
 of the CUDA execution model (shim.h: a thread per CUDA thread, barriers for warp shuffles),
-against the float64 reference: every dtype and option, split rows, misaligned rows, in-place
-backward, determinism, the target-gradient accuracy on confident rows, and the device assert.
-For machines without a GPU; opt-in (about a minute on 2 cores): FASTCE_CUDA_EMULATION=1.
+against the float64 reference and against the CPU backend: every dtype and option, vocabulary
+slices, loss_dtype, split rows, misaligned rows, in-place backward, determinism, the
+target-gradient accuracy on confident rows, and the device assert.
+For machines without a GPU; opt-in (a few minutes on 2 cores): FASTCE_CUDA_EMULATION=1.
 Needs g++ with C++20 and the CUDA headers (CUDA_HOME)."""
 import ctypes
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastce._ops import LossOptions
 from reference import reference_cross_entropy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,9 +27,20 @@ pytestmark = pytest.mark.skipif(
     or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_bf16.h")),
     reason="opt-in (FASTCE_CUDA_EMULATION=1), needs g++ and the CUDA headers (CUDA_HOME)")
 
-DT = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+DT = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # rules.h: Dtype
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+i64, dbl, ptr_t = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+
+
+class Problem(ctypes.Structure):  # api.cpp: EmuProblem
+    _fields_ = [("dtype", ctypes.c_int), ("x", ptr_t), ("x_stride", i64), ("y", ptr_t), ("y_stride", i64),
+                ("target", ptr_t), ("weight", ptr_t), ("rows", i64), ("classes", i64)]
+
+
+class Options(ctypes.Structure):  # rules.h: LossOptions (softcap 0: off)
+    _fields_ = [("reduction", i64), ("ignore_index", i64), ("label_smoothing", dbl), ("logit_scale", dbl),
+                ("softcap", dbl), ("lse_square_scale", dbl), ("class_offset", i64), ("vocab_size", i64)]
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +52,17 @@ def lib(tmp_path_factory):
     (out / "common_emu.cuh").write_text('#include "shim.h"\n' + common)
     for name in ("forward", "backward"):
         src = open(os.path.join(CSRC, name + ".cu")).read().replace('"common.cuh"', '"common_emu.cuh"')
-        src = re.sub(r"(\w+<[^;<>]*>)<<<([^>]*)>>>\(([^;]*)\);", r"emu_launch(\1, \2, \3);", src)
+        src = re.sub(r"(\w+(?:<[^;<>]*>)?)<<<([^>]*)>>>\(([^;]*)\);", r"emu_launch(\1, \2, \3);", src)
         assert "<<<" not in src, f"a launch in {name}.cu the emulator cannot rewrite"
         (out / f"{name}_emu.inc").write_text(src)
     so = out / "libemu.so"
-    subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{HERE}/stub", f"-I{HERE}",
-                    f"-I{out}", f"-I{CUDA_INCLUDE}", os.path.join(HERE, "api.cpp"), "-o", str(so)], check=True)
+    subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{HERE}", f"-I{out}",
+                    f"-I{CUDA_INCLUDE}", os.path.join(HERE, "api.cpp"), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
-    i64, p, d = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-    common_args = [ctypes.c_int, p, i64, p, i64, p, p, i64, i64, i64, d, d, d, d, ctypes.c_int, i64]
     lib.emu_forward.restype = lib.emu_backward.restype = i64
-    lib.emu_forward.argtypes = common_args + [p] * 7
-    lib.emu_backward.argtypes = common_args + [p] * 5 + [i64, p, i64]
+    lib.emu_forward.argtypes = [ptr_t, ptr_t, ctypes.c_int, ctypes.c_int] + [ptr_t] * 7
+    lib.emu_backward.argtypes = [ptr_t, ptr_t, ctypes.c_int, ptr_t, ptr_t, ctypes.c_int, ptr_t, ctypes.c_int,
+                                 ptr_t, ptr_t, i64, ptr_t, i64]
     return lib
 
 
@@ -58,30 +70,67 @@ def ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Kernels:
+    """The emulated kernels on one (rows, classes) problem, called as the CUDA driver calls them."""
+
+    def __init__(self, lib, x, t, w=None, sm=132, **options):
+        self.lib, self.x, self.sm = lib, x, sm
+        self.prob = t.shape == x.shape
+        self.t = t if self.prob else t.long().contiguous()
+        self.w = None if w is None else w.to(acc_dtype(x)).contiguous()
+        self.opt = LossOptions(**options)
+        self.options = Options(*[0.0 if v is None else v for v in self.opt])
+        self.problem = Problem(DT[x.dtype], ptr(x), x.stride(0), ptr(t) if self.prob else None,
+                               t.stride(0) if self.prob else 0, None if self.prob else ptr(self.t), ptr(self.w),
+                               *x.shape)
+
+    def forward(self, loss_dtype=None):
+        """(pieces per row or -1 after a device assert, loss, z_loss, lse, total_weight)."""
+        rows = self.x.shape[0]
+        loss_dtype = loss_dtype or self.x.dtype
+        lse, row_loss, row_zloss, row_weight = (torch.empty(rows, dtype=torch.float64) for _ in range(4))
+        loss, zloss = torch.empty((), dtype=loss_dtype), torch.empty((), dtype=loss_dtype)
+        tw = torch.empty((), dtype=acc_dtype(self.x))
+        chunks = self.lib.emu_forward(ctypes.byref(self.problem), ctypes.byref(self.options), self.sm,
+                                      DT[loss_dtype], *map(ptr, (lse, row_loss, row_zloss, row_weight, loss, zloss,
+                                                                 tw)))
+        if self.opt.reduction == 0:
+            loss, zloss = row_loss.to(loss_dtype), row_zloss.to(loss_dtype)
+        return chunks, loss, zloss, lse, tw
+
+    def backward(self, grad_loss, grad_z_loss, lse, total_weight, gx=None, grad_y=False):
+        """(pieces per row or -1, gx, gy); grad_loss and grad_z_loss None: the unit gradient."""
+        x = self.x
+        gx = torch.full(x.shape, float("nan"), dtype=x.dtype) if gx is None else gx
+        gy = torch.full(x.shape, float("nan"), dtype=x.dtype) if grad_y else None
+        grad_dtype = DT[grad_loss.dtype] if grad_loss is not None else 0
+        chunks = self.lib.emu_backward(ctypes.byref(self.problem), ctypes.byref(self.options), self.sm,
+                                       ptr(grad_loss), ptr(grad_z_loss), grad_dtype, ptr(total_weight),
+                                       DT[total_weight.dtype], ptr(lse), ptr(gx), gx.stride(0), ptr(gy),
+                                       gy.stride(0) if grad_y else 0)
+        return chunks, gx, gy
+
+
 def run(lib, x, t, w=None, eps=0.0, scale=1.0, cap=0.0, sq=0.0, red=1, sm=132, grad_y=False, gx=None):
     """Forward then backward (random upstream gradients) as the driver launches them.
     Returns (pieces per row, loss, z_loss, lse, total_weight, grad_loss, grad_z_loss, gx, gy)."""
-    rows, C = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    prob = t.shape == x.shape
-    tl = None if prob else t.long().contiguous()
-    wa = None if w is None else w.to(acc).contiguous()
-    lse = torch.empty(rows, dtype=torch.float64)
-    rl, rz, rw = (torch.empty(rows, dtype=acc) for _ in range(3))
-    loss, zl, tw = torch.empty((), dtype=x.dtype), torch.empty((), dtype=x.dtype), torch.empty((), dtype=acc)
-    args = [DT[x.dtype], ptr(x), x.stride(0), ptr(t) if prob else None, t.stride(0) if prob else 0, ptr(tl),
-            ptr(wa), rows, C, -100, eps, scale, cap, sq, sm, red]
-    chunks = lib.emu_forward(*args, ptr(lse), ptr(rl), ptr(rz), ptr(rw), ptr(loss), ptr(zl), ptr(tw))
-    if red == 0:
-        loss, zl = rl.to(x.dtype), rz.to(x.dtype)
-    gl = torch.rand(rows if red == 0 else 1, dtype=acc) + 0.5
-    gz = torch.rand(rows if red == 0 else 1, dtype=acc)
-    gx = torch.full((rows, C), float("nan"), dtype=x.dtype) if gx is None else gx
-    gy = torch.full((rows, C), float("nan"), dtype=x.dtype) if grad_y else None
-    chunks_b = lib.emu_backward(*args, ptr(gl), ptr(gz), ptr(lse), ptr(tw), ptr(gx), gx.stride(0), ptr(gy),
-                                gy.stride(0) if grad_y else 0)
+    k = Kernels(lib, x, t, w, sm, reduction=red, label_smoothing=eps, logit_scale=scale, softcap=cap or None,
+                lse_square_scale=sq)
+    chunks, loss, zl, lse, tw = k.forward()
+    n = x.shape[0] if red == 0 else 1
+    gl = torch.rand(n, dtype=acc_dtype(x)) + 0.5
+    gz = torch.rand(n, dtype=acc_dtype(x))
+    chunks_b, gx, gy = k.backward(gl, gz, lse, tw, gx, grad_y)
     assert chunks_b == chunks
     return chunks, loss, zl, lse, tw, gl, gz, gx, gy
+
+
+def test_options_layout_matches_the_ops():
+    assert tuple(name for name, _ in Options._fields_) == LossOptions._fields
 
 
 OPTIONS = [  # prob, weight, label_smoothing, softcap, lse_square_scale, reduction
@@ -119,6 +168,132 @@ def test_against_reference(lib, dtype, shape, option, offsets):
     if prob:
         torch.testing.assert_close(gy.double(), yr.grad.to(dtype).double(), rtol=tol,
                                    atol=tol * yr.grad.abs().max().item() * 0.1)
+
+
+CPU_CASES = [  # options of the ops, and whether the target holds probabilities / there are weights
+    dict(reduction=1),
+    dict(reduction=0, label_smoothing=0.1, lse_square_scale=1e-2, weight=True),
+    dict(reduction=2, logit_scale=0.7, softcap=4.0, ignore_index=3),
+    dict(reduction=0, label_smoothing=0.2, prob=True, weight=True),
+    dict(reduction=0, label_smoothing=0.1, class_offset=20, vocab_size=90),  # a vocabulary slice
+    dict(reduction=1, softcap=6.0, lse_square_scale=1e-3, class_offset=0, vocab_size=41),
+]
+
+
+@pytest.mark.parametrize("dtype", list(DT))
+@pytest.mark.parametrize("case", range(len(CPU_CASES)))
+@pytest.mark.parametrize("C,sm", [(41, 132), (3001, 1)])
+def test_matches_the_cpu_backend(lib, dtype, case, C, sm):
+    # One set of rules: the emulated CUDA kernels and the CPU backend's op give the same loss,
+    # z-loss, lse, total weight and gradients (up to the order of float sums), loss_dtype too.
+    options = dict(CPU_CASES[case])
+    prob, weighted = options.pop("prob", False), options.pop("weight", False)
+    if options.get("vocab_size", -1) >= 0:
+        options["vocab_size"] = max(options["vocab_size"], options["class_offset"] + C)
+    opt = LossOptions(**options)
+    x = (torch.randn(9, C, dtype=torch.float64) * 3).to(dtype)
+    V = opt.vocab_size if opt.vocab_size >= 0 else C
+    t = torch.softmax(torch.randn(9, C, dtype=torch.float64), 1).to(dtype) if prob else torch.randint(0, V, (9,))
+    if not prob:
+        t[::4] = opt.ignore_index
+        t[1] = opt.class_offset + C // 2  # at least one target in the slice
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
+    k = Kernels(lib, x, t, w, sm, **options)
+    ops = torch.ops.fastce
+    for loss_dtype in (None, torch.float64):
+        _, loss, zl, lse, tw = k.forward(loss_dtype)
+        ref = ops.cross_entropy_forward(x, t, w, *opt, loss_dtype=loss_dtype)
+        tol = TOL[dtype] if loss_dtype is None else TOL[dtype] / 100
+        for got, want in zip((loss, zl, lse, tw), ref[:4]):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.double(), want.double().reshape(got.shape), rtol=tol, atol=tol)
+    n = 9 if opt.reduction == 0 else 1
+    gl, gz = torch.rand(n, dtype=torch.float64) + 0.5, torch.rand(n, dtype=torch.float64)
+    _, gx, gy = k.backward(gl, gz, lse, tw, grad_y=prob)
+    ref_gx, ref_gy = ops.cross_entropy_backward(gl, gz, x, t, w, lse, tw, *opt, compute_grad_target=prob)
+    tol = TOL[dtype]
+    torch.testing.assert_close(gx.double(), ref_gx.double(), rtol=tol, atol=tol * ref_gx.double().abs().max().item())
+    if prob:
+        torch.testing.assert_close(gy.double(), ref_gy.double(), rtol=tol,
+                                   atol=tol * ref_gy.double().abs().max().item())
+
+
+def _slices(classes, cuts):
+    bounds = [0, *cuts, classes]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("C,cuts,sm", [(30, [10, 10, 21], 132), (9000, [2500, 7000], 1)])
+def test_vocabulary_slices_add_up_to_the_whole(lib, dtype, C, cuts, sm):
+    # As parallel.py uses them: each slice's loss against its own lse, merged, is the whole
+    # vocabulary's loss; each slice's gradient from the whole lse is its part of the whole
+    # gradient, bit for bit (an empty slice included; split rows in the long case).
+    x = (torch.randn(7, C, dtype=torch.float64) * 2).to(dtype)
+    t = torch.tensor([0, C - 1, -100, 12, 3, 17, 25])
+    base = dict(reduction=0, label_smoothing=0.1, logit_scale=0.8, softcap=3.0)
+    whole = Kernels(lib, x, t, sm=sm, **base)
+    _, whole_loss, _, whole_lse, tw = whole.forward(torch.float64)
+    g = torch.rand(7, dtype=torch.float64)
+    _, whole_grad, _ = whole.backward(g, torch.zeros_like(g), whole_lse, tw)
+    lse_k, loss_k, weight_k = [], [], []
+    for a, b in _slices(C, cuts):
+        xs = x[:, a:b]
+        k = Kernels(lib, xs, t, sm=sm, class_offset=a, vocab_size=C, **base)
+        chunks, loss, _, lse, tw_k = k.forward(torch.float64)
+        assert chunks >= 1 and torch.equal(tw_k, tw)
+        here = ((t >= a) & (t < b)).double()
+        weight_k.append(torch.where(t == -100, 0.0, 0.9 * here + 0.1 * (b - a) / C))
+        lse_k.append(lse)
+        loss_k.append(loss)
+        _, grad, _ = k.backward(g, torch.zeros_like(g), whole_lse, tw)
+        assert torch.equal(grad, whole_grad[:, a:b])
+    lse = torch.logsumexp(torch.stack(lse_k), 0)
+    merged = sum(torch.where(w == 0, 0.0, loss + w * (lse - lk)) for loss, lk, w in zip(loss_k, lse_k, weight_k))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(merged, whole_loss, rtol=tol, atol=tol)
+
+
+def test_slice_targets_elsewhere_and_out_of_range(lib):
+    x = torch.randn(4, 10)
+    k = Kernels(lib, x, torch.tensor([0, 35, -100, 5]), class_offset=10, vocab_size=40)
+    chunks, loss, _, lse, tw = k.forward()
+    assert chunks == 1 and tw.item() == 3  # a target elsewhere counts as a row of weight 1
+    for bad in (40, -1):
+        k = Kernels(lib, x, torch.tensor([0, bad, 1, 2]), class_offset=10, vocab_size=40)
+        assert k.forward()[0] == -1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_loss_dtype(lib, dtype, reduction):
+    # A float64 loss of 16-bit logits carries the float accumulation's error, not the output's.
+    x = (torch.randn(6, 500, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, 500, (6,))
+    k = Kernels(lib, x, t, reduction=reduction, label_smoothing=0.1)
+    ref = reference_cross_entropy(x.double(), t, reduction=REDUCTIONS[reduction], label_smoothing=0.1)
+    _, loss, _, _, _ = k.forward(torch.float64)
+    _, rounded, _, _, _ = k.forward()
+    assert loss.dtype == torch.float64 and rounded.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rounded, ref.to(dtype), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("prob", [False, True])
+def test_unit_gradient_is_the_backward_of_ones(lib, dtype, reduction, prob):
+    # The forward's compute_grad runs the backward with no incoming gradient (1 and 0): bit for
+    # bit what the backward gives for ones and zeros, of any dtype.
+    x = (torch.randn(5, 300) * 3).to(dtype)
+    t = torch.softmax(torch.randn(5, 300), 1).to(dtype) if prob else torch.tensor([1, -100, 7, 299, 0])
+    k = Kernels(lib, x, t, reduction=reduction, label_smoothing=0.1, lse_square_scale=1e-3)
+    _, _, _, lse, tw = k.forward()
+    _, unit, _ = k.backward(None, None, lse, tw)
+    n = 5 if reduction == 0 else 1
+    for grad_dtype in (torch.float64, torch.bfloat16):
+        ones, zeros = torch.ones(n, dtype=grad_dtype), torch.zeros(n, dtype=grad_dtype)
+        assert torch.equal(k.backward(ones, zeros, lse, tw)[1], unit)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -167,11 +342,10 @@ def test_confident_rows_target_gradient(lib, dtype, sm):
 
 def test_out_of_range_target_asserts(lib):
     x = torch.randn(4, 50)
-    t = torch.tensor([1, 2, 50, 3])
-    outs = [torch.empty(4, dtype=torch.float64)] + [torch.empty(4) for _ in range(3)] + \
-        [torch.empty(()) for _ in range(3)]  # lse (float64), per-row outputs, reductions
-    assert lib.emu_forward(0, ptr(x), 50, None, 0, ptr(t), None, 4, 50, -100, 0.0, 1.0, 0.0, 0.0, 132, 1,
-                           *map(ptr, outs)) == -1
+    assert Kernels(lib, x, torch.tensor([1, 2, 50, 3])).forward()[0] == -1
+    k = Kernels(lib, x, torch.tensor([1, 2, -5, 3]))
+    _, _, _, lse, tw = Kernels(lib, x, torch.tensor([1, 2, 4, 3])).forward()
+    assert k.backward(None, None, lse, tw)[0] == -1
 
 
 @pytest.mark.parametrize("dtype", list(DT))
