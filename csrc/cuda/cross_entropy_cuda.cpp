@@ -112,7 +112,9 @@ struct Cuda {
     explicit Guard(const Tensor& input) : guard(input.get_device_index()) {}
   };
 
-  static Tensor new_grad_buffer(const Problem& p, const Tensor& input) { return new_grad2d(p, input); }
+  static Tensor new_grad_buffer(const Problem& p, const Tensor& input) {
+    return empty_on(input, {p.rows, p.classes}, p.dtype);
+  }
 
   // compute_grad: also the gradient for grad_loss = 1 and grad_z_loss = 0, by the backward's
   // kernels queued right after the forward's (the same kernels and values as the backward op).
@@ -155,7 +157,7 @@ struct Cuda {
       out.grad_input = empty_on(input, {0}, p.dtype);
       return out;
     }
-    Tensor gx2d = new_grad2d(p, input);
+    Tensor gx2d = empty_on(input, {p.rows, p.classes}, p.dtype);
     launch_gradient(view, p, {}, {}, values_of(out.total_weight), lse, gx2d, nullptr, stream);
     out.grad_input = grad_to_input_layout(gx2d, input);
     return out;
