@@ -83,6 +83,14 @@ def batch(seed, case="labels", batch_size=2):
     elif case == "logits_to_keep":  # loss over the last 5 positions, their labels
         kwargs["logits_to_keep"] = 5
         kwargs["labels"] = labels[:, -5:]
+    elif case == "logits_to_keep_positions":  # the same positions in every row
+        kwargs["logits_to_keep"] = torch.tensor([1, 4, 5, 9])
+        kwargs["labels"] = labels[:, [1, 4, 5, 9]]
+    elif case == "logits_to_keep_mask":  # per-row positions (packed rows): flattened
+        mask = torch.zeros(batch_size, T, dtype=torch.bool)
+        mask[0, 2:9] = mask[-1, 5:] = True
+        kwargs["logits_to_keep"] = mask
+        kwargs["labels"] = labels[mask]
     return kwargs
 
 
@@ -112,7 +120,8 @@ def assert_patched_matches(model, kwargs, rtol=2e-5, **options):
     return got_out, want_out
 
 
-CASES = ["labels", "shift_labels", "num_items_in_batch", "logits_to_keep"]
+CASES = ["labels", "shift_labels", "num_items_in_batch", "logits_to_keep",
+         "logits_to_keep_positions", "logits_to_keep_mask"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -255,7 +264,7 @@ def test_20_adamw_steps_match_unpatched(family, autocast, loss_tol, param_tol):
     assert sum(want_losses[-4:]) < sum(want_losses[:4]) - 0.5  # it learnt
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2_softcap"])
+@pytest.mark.parametrize("family", ["llama", "gemma2_softcap", "granite_scaling"])
 def test_bfloat16_weights_close_to_unpatched(family):
     """A model held in bfloat16: the same loss and gradients up to bfloat16 rounding."""
     m = build(family).to(torch.bfloat16)
