@@ -206,6 +206,12 @@ def test_positional_labels(model):
     torch.testing.assert_close(got.loss, want, rtol=2e-5, atol=0)
 
 
+def test_gradient_checkpointing():
+    m = build("llama")
+    m.gradient_checkpointing_enable()
+    assert_patched_matches(m, batch(12, "num_items_in_batch"))
+
+
 @pytest.mark.parametrize("model", ["llama"], indirect=True)
 def test_autocast_bfloat16_close_to_unpatched(model):
     """Under autocast the head computes in bfloat16, as nn.Linear would."""
