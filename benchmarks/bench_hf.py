@@ -103,13 +103,17 @@ def spread(values, fmt):
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
 
-def summarize(results, args):
-    by = {v: [r for r in results if r["variant"] == v] for v in args.variants.split(",")}
-    med = {}
-    for v, rs in by.items():
-        med[v] = {"peak": statistics.median(r["peak_mib"] for r in rs),
-                  "wall": statistics.median(t for r in rs for t in r["wall_s"]),
-                  "cpu": statistics.median(t for r in rs for t in r["cpu_s"])}
+def ratio(a, b):
+    return a / b if b > 0 else float("nan")
+
+
+def medians(runs):
+    return {"peak": statistics.median(r["peak_mib"] for r in runs),
+            "wall": statistics.median(t for r in runs for t in r["wall_s"]),
+            "cpu": statistics.median(t for r in runs for t in r["cpu_s"])}
+
+
+def print_steps(by):
     print(f"\n{'variant':17s} {'loss':>9s} {'step peak MiB':>24s} {'step wall s':>22s} "
           f"{'step CPU s':>22s}")
     for v, rs in by.items():
@@ -117,20 +121,32 @@ def summarize(results, args):
               f"{spread([r['peak_mib'] for r in rs], '{:.0f}'):>24s} "
               f"{spread([t for r in rs for t in r['wall_s']], '{:.3f}'):>22s} "
               f"{spread([t for r in rs for t in r['cpu_s']], '{:.3f}'):>22s}")
-    if "no_head" not in med or "unpatched" not in med:
-        return
+
+
+def print_loss_part(med):
+    """Each variant's step minus no_head's, and how it compares with unpatched's."""
     base, ref = med["no_head"], med["unpatched"]
     part = {v: {k: m[k] - base[k] for k in m} for v, m in med.items() if v != "no_head"}
-    print(f"\nloss part (step minus no_head, medians) and unpatched / variant:")
+    ref_part = part["unpatched"]
+    print("\nloss part (step minus no_head, medians) and unpatched / variant:")
     print(f"{'variant':17s} {'peak MiB':>9s} {'x less':>7s} {'wall s':>8s} {'x faster':>9s} "
           f"{'CPU s':>8s} {'x faster':>9s}")
     for v, p in part.items():
-        print(f"{v:17s} {p['peak']:9.0f} {part['unpatched']['peak'] / p['peak']:7.1f} "
-              f"{p['wall']:8.3f} {part['unpatched']['wall'] / p['wall']:9.2f} "
-              f"{p['cpu']:8.3f} {part['unpatched']['cpu'] / p['cpu']:9.2f}")
-    print(f"whole step, unpatched / fastce_fused: peak {ref['peak'] / med['fastce_fused']['peak']:.1f}x, "
-          f"wall {ref['wall'] / med['fastce_fused']['wall']:.2f}x, "
-          f"CPU {ref['cpu'] / med['fastce_fused']['cpu']:.2f}x")
+        print(f"{v:17s} {p['peak']:9.0f} {ratio(ref_part['peak'], p['peak']):7.1f} "
+              f"{p['wall']:8.3f} {ratio(ref_part['wall'], p['wall']):9.2f} "
+              f"{p['cpu']:8.3f} {ratio(ref_part['cpu'], p['cpu']):9.2f}")
+    for v in (v for v in med if v.startswith("fastce_fused")):
+        print(f"whole step, unpatched / {v}: peak {ratio(ref['peak'], med[v]['peak']):.1f}x, "
+              f"wall {ratio(ref['wall'], med[v]['wall']):.2f}x, "
+              f"CPU {ratio(ref['cpu'], med[v]['cpu']):.2f}x")
+
+
+def summarize(results, args):
+    by = {v: [r for r in results if r["variant"] == v] for v in args.variants.split(",")}
+    print_steps(by)
+    med = {v: medians(rs) for v, rs in by.items()}
+    if "no_head" in med and "unpatched" in med:
+        print_loss_part(med)
 
 
 def main():

@@ -4,6 +4,7 @@ Tiny random-initialized models of each family, built here (no downloads); every 
 against the same model unpatched, on the same fresh inputs.
 """
 import copy
+import inspect
 
 import pytest
 import torch
@@ -150,6 +151,8 @@ def test_the_families_exercise_what_they_stand_for():
 def test_patch_returns_the_model_and_unpatch_restores_it(model):
     forward = model.forward
     assert fastce.hf.patch(model) is model
+    # The Trainer and generate() read which arguments the forward takes.
+    assert inspect.signature(model.forward) == inspect.signature(forward)
     assert model(**batch(0)).logits is None
     assert fastce.hf.unpatch(model) is model
     assert "forward" not in model.__dict__ and "forward" not in model.lm_head.__dict__
