@@ -332,10 +332,21 @@ def lora(model):
 def test_trainer_logs_the_same_losses(adapter, tmp_path):
     wrap = lora if adapter else (lambda m: m)
     want_losses, want = trainer_run(wrap(build("llama")), tmp_path / "unpatched")
-    got_losses, got = trainer_run(fastce.hf.patch(wrap(build("llama"))), tmp_path / "patched")
+    patched = fastce.hf.patch(wrap(build("llama")))
+    got_losses, got = trainer_run(patched, tmp_path / "patched")
+    assert patched.train()(**batch(0)).logits is None  # the Trainer ran the patched forward
     torch.testing.assert_close(got_losses, want_losses, rtol=1e-5, atol=0)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
+def test_patch_then_wrap_with_lora():
+    want_out, want = loss_and_grads(lora(build("llama")), batch(13, "num_items_in_batch"))
+    wrapped = lora(fastce.hf.patch(build("llama")))
+    got_out, got = loss_and_grads(wrapped, batch(13, "num_items_in_batch"))
+    assert got_out.logits is None
+    torch.testing.assert_close(got_out.loss, want_out.loss, rtol=2e-5, atol=0)
+    assert_grads_close(got, want, 2e-5)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
