@@ -309,6 +309,7 @@ class _Sequences(torch.utils.data.Dataset):
 
 
 def trainer_run(model, tmp_path):
+    pytest.importorskip("accelerate")  # the Trainer needs it
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=10, gradient_accumulation_steps=2,
         per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, report_to=[],
