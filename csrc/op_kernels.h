@@ -35,6 +35,26 @@ inline LossCall read_loss_call(Args& a) {
   return c;
 }
 
+// The arguments both backward ops start with: (grad_loss, grad_z_loss, input, target, weight,
+// lse, total_weight, <options>).
+struct BackwardCall {
+  LossCall loss;
+  BackwardArgs args;
+};
+
+inline BackwardCall read_backward_call(Args& a) {
+  BackwardCall c;
+  c.args.grad_loss = a.tensor();
+  c.args.grad_z_loss = a.tensor();
+  c.loss.input = a.tensor();
+  c.loss.target = a.tensor();
+  c.loss.weight = a.optional_tensor();
+  c.args.lse = a.tensor();
+  c.args.total_weight = a.tensor();
+  c.args.opt = c.loss.opt = read_options(a);
+  return c;
+}
+
 // Rows whose memory overlaps (an expanded tensor) cannot take their gradient in place.
 inline bool rows_overlap(const Problem& p) {
   return p.rows > 1 && p.logits.stride(0) < std::max<int64_t>(p.classes, 1);
@@ -63,17 +83,12 @@ void forward_kernel(StableIValue* stack, uint64_t, uint64_t) {
 template <class Backend>
 void backward_kernel(StableIValue* stack, uint64_t, uint64_t) {
   Args a(stack);
-  BackwardArgs b;
-  b.grad_loss = a.tensor();
-  b.grad_z_loss = a.tensor();
-  const Tensor input = a.tensor(), target = a.tensor();
-  const std::optional<Tensor> weight = a.optional_tensor();
-  b.lse = a.tensor();
-  b.total_weight = a.tensor();
-  b.opt = read_options(a);
+  detail::BackwardCall c = detail::read_backward_call(a);
+  const BackwardArgs& b = c.args;
+  const Tensor& input = c.loss.input;
   const bool compute_grad_target = a.flag();
   const typename Backend::Guard guard(input);
-  const Problem p = prepare(input, target, weight, b.opt);
+  const Problem p = prepare(input, c.loss.target, c.loss.weight, b.opt);
   Tensor gx2d = Backend::new_grad_buffer(p, input);
   const bool grad_y = compute_grad_target && p.prob;
   Tensor gy2d = grad_y ? Backend::new_grad_buffer(p, input) : empty_on(input, {0}, p.dtype);
@@ -86,17 +101,11 @@ void backward_kernel(StableIValue* stack, uint64_t, uint64_t) {
 template <class Backend>
 void backward_inplace_kernel(StableIValue* stack, uint64_t, uint64_t) {
   Args a(stack);
-  BackwardArgs b;
-  b.grad_loss = a.tensor();
-  b.grad_z_loss = a.tensor();
-  Tensor input = a.tensor();
-  const Tensor target = a.tensor();
-  const std::optional<Tensor> weight = a.optional_tensor();
-  b.lse = a.tensor();
-  b.total_weight = a.tensor();
-  b.opt = read_options(a);
+  detail::BackwardCall c = detail::read_backward_call(a);
+  const BackwardArgs& b = c.args;
+  Tensor& input = c.loss.input;
   const typename Backend::Guard guard(input);
-  const Problem p = prepare(input, target, weight, b.opt);
+  const Problem p = prepare(input, c.loss.target, c.loss.weight, b.opt);
   const bool same_storage = input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
                             (p.classes <= 1 || p.logits.stride(1) == 1);
   if (same_storage && !detail::rows_overlap(p)) {
