@@ -140,10 +140,10 @@ def test_compute_grad_must_be_a_bool():
         ops.cross_entropy_forward(x, t, None, compute_grad="yes")
 
 
-def test_grad_scale_must_be_a_number():
+def test_loss_dtype_must_be_a_dtype():
     x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises((TypeError, RuntimeError)):
-        ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 1.0, None, 0.0, False, True, "half")
+        ops.cross_entropy_forward(x, t, None, loss_dtype="half")
 
 
 def test_compile_calls_the_backend_once():
