@@ -10,7 +10,8 @@ grad_weight. Peak extra memory is one chunk of logits plus the gradients themsel
 - 'none': the per-row grad_output is only known in backward, which recomputes the logits
   (the forward pass keeps the rows' log-sum-exp so it does not rerun the loss kernel).
 
-Both loops are ``torch.library.custom_op``s with fake kernels and autograd, so
+Both loops are ops of the fastce library (schemas in csrc/ops.cpp, with the loss ops' options),
+implemented here for every device, with fake kernels and autograd, so
 ``torch.compile(fullgraph=True)`` traces them as opaque nodes without a graph break.
 """
 import math
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._errors import raise_as_torch
-from ._ops import LossOptions, _tracing, call, ops
+from ._ops import LossOptions, _options_and, _tracing, call, ops
 from .functional import _ARGUMENT_ERRORS, _reduction_enum, as_torch_target
 
 _NONE, _MEAN, _SUM = 0, 1, 2
@@ -30,7 +31,9 @@ _NONE, _MEAN, _SUM = 0, 1, 2
 # speed; GPUs want bigger matmuls and have the memory for them.
 _CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
 _DEFAULT_CHUNK_BYTES = 128 << 20
-_MIN_CHUNK_ROWS = 64  # below this the matmuls lose efficiency faster than memory shrinks
+# Below this many rows the matmuls lose efficiency faster than memory shrinks: on a CPU a
+# 64-row chunk runs them at about half the speed of a 256-row one (docs/HF.md).
+_MIN_CHUNK_ROWS = 256
 
 
 def _acc_dtype(dtype):
@@ -62,8 +65,7 @@ def _total_weight(target, weight, classes, ignore_index, prob, acc):
     return torch.where(valid, w_t, 0).sum(dtype=acc)
 
 
-def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap,
-          lse_square_scale, chunk_size, lse, grad_loss, want_x, want_w, want_b):
+def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, want_w, want_b):
     """One pass over the row chunks (on real tensors, inside the custom ops).
 
     x (N, H); w (V, *d, H); b (V, *d) or None; target (N, *d) class indices or (N, V, *d)
@@ -78,7 +80,7 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
     b2 = None if b is None else b.reshape(-1)
     prob = target.dim() == 2 + len(spatial)
     acc = _acc_dtype(x.dtype)
-    opts = LossOptions(reduction, ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale)
+    reduction = opts.reduction
     sum_opts = opts._replace(reduction=_NONE if reduction == _NONE else _SUM)
 
     chunk = _chunk_rows(rows, w2.shape[0], x.dtype, x.device, chunk_size)
@@ -91,7 +93,7 @@ def _loop(x, w, b, target, weight, reduction, ignore_index, label_smoothing, log
     # The kernel checks the arguments (weight, target dtype, options) on zero rows first,
     # so that bad ones are reported by it, not by the tensor ops below.
     call(ops.cross_entropy_forward.default, buf[:0].view(0, classes, *spatial), target[:0], weight, *opts)
-    total_weight = _total_weight(target, weight, classes, ignore_index, prob, acc)
+    total_weight = _total_weight(target, weight, classes, opts.ignore_index, prob, acc)
     if forward:
         loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
         lse = x.new_empty((rows, *spatial), dtype=torch.float64)  # as the kernel saves it
@@ -157,81 +159,72 @@ def _grads_or_empty(input, linear_weight, grads, dtype):
             linear_weight.new_empty(0, dtype=dtype) if gb is None else gb.to(dtype))
 
 
-@torch.library.custom_op("fastce::linear_cross_entropy_forward", mutates_args=())
-def _forward_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
-                target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int,
-                label_smoothing: float, logit_scale: float, softcap: Optional[float],
-                lse_square_scale: float, chunk_size: Optional[int], grad_input: bool,
-                grad_linear_weight: bool, grad_linear_bias: bool
-                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _read_call(rest, kwargs):
+    """LossOptions, chunk_size and the three gradient flags of a call of the linear ops (the
+    dispatcher passes them positionally, a user may name them)."""
+    options, (chunk_size, *flags) = _options_and(
+        rest, kwargs, ("chunk_size", None), ("grad_input", False), ("grad_linear_weight", False),
+        ("grad_linear_bias", False))
+    return options, chunk_size, flags
+
+
+@torch.library.impl("fastce::linear_cross_entropy_forward", "CompositeExplicitAutograd")
+def _forward_impl(input, linear_weight, linear_bias, target, weight, *rest, **kwargs):
     """loss, the rows' lse (kept for 'none', else empty), and for 'mean'/'sum' the requested
     gradients for grad_output = 1 (those of the weight and bias in float32 for low-precision
     inputs, rounded after scaling)."""
-    precompute = reduction != _NONE and (grad_input or grad_linear_weight or grad_linear_bias)
-    loss, lse, *grads = _loop(
-        input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-        label_smoothing, logit_scale, softcap, lse_square_scale, chunk_size, None,
-        input.new_ones(()) if precompute else None, grad_input, grad_linear_weight,
-        grad_linear_bias)
-    if reduction != _NONE:
+    options, chunk_size, flags = _read_call(rest, kwargs)
+    precompute = options.reduction != _NONE and any(flags)
+    loss, lse, *grads = _loop(input, linear_weight, linear_bias, target, weight, options, chunk_size,
+                              None, input.new_ones(()) if precompute else None, *flags)
+    if options.reduction != _NONE:
         lse = lse.new_empty(0)
     return loss, lse, *_grads_or_empty(input, linear_weight, grads, _acc_dtype(input.dtype))
 
 
-@torch.library.custom_op("fastce::linear_cross_entropy_backward", mutates_args=())
-def _backward_op(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
-                 linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
-                 lse: Tensor, ignore_index: int, label_smoothing: float, logit_scale: float,
-                 softcap: Optional[float], lse_square_scale: float, chunk_size: Optional[int],
-                 grad_input: bool, grad_linear_weight: bool, grad_linear_bias: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
+@torch.library.impl("fastce::linear_cross_entropy_backward", "CompositeExplicitAutograd")
+def _backward_impl(grad_loss, input, linear_weight, linear_bias, target, weight, lse, *rest, **kwargs):
     """reduction='none': recomputes each chunk's logits and returns the requested gradients
     (in the parameters' dtypes) for the per-row grad_loss."""
-    _, _, *grads = _loop(
-        input, linear_weight, linear_bias, target, weight, _NONE, ignore_index, label_smoothing,
-        logit_scale, softcap, lse_square_scale, chunk_size, lse, grad_loss, grad_input,
-        grad_linear_weight, grad_linear_bias)
+    options, chunk_size, flags = _read_call(rest, kwargs)
+    _, _, *grads = _loop(input, linear_weight, linear_bias, target, weight, options._replace(reduction=_NONE),
+                         chunk_size, lse, grad_loss, *flags)
     return _grads_or_empty(input, linear_weight, grads, linear_weight.dtype)
 
 
-def _fake_grads(input, linear_weight, grad_input, grad_linear_weight, grad_linear_bias, dtype):
+def _fake_grads(input, linear_weight, flags, dtype):
+    grad_input, grad_linear_weight, grad_linear_bias = flags
     return _grads_or_empty(input, linear_weight, (
         input.new_empty(input.shape) if grad_input else None,
         linear_weight.new_empty(linear_weight.shape) if grad_linear_weight else None,
         linear_weight.new_empty(linear_weight.shape[:-1]) if grad_linear_bias else None), dtype)
 
 
-@_forward_op.register_fake
-def _forward_fake(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-                  label_smoothing, logit_scale, softcap, lse_square_scale, chunk_size, grad_input,
-                  grad_linear_weight, grad_linear_bias):
+@torch.library.register_fake("fastce::linear_cross_entropy_forward")
+def _forward_fake(input, linear_weight, linear_bias, target, weight, *rest, **kwargs):
+    options, _, flags = _read_call(rest, kwargs)
+    reduced = options.reduction != _NONE
     rows_shape = (input.shape[0], *linear_weight.shape[1:-1])
-    acc = _acc_dtype(input.dtype)
-    loss = input.new_empty(rows_shape if reduction == _NONE else ())
-    lse = input.new_empty(rows_shape if reduction == _NONE else (0,), dtype=torch.float64)
-    precompute = reduction != _NONE
-    return loss, lse, *_fake_grads(input, linear_weight, grad_input and precompute,
-                                   grad_linear_weight and precompute,
-                                   grad_linear_bias and precompute, acc)
+    loss = input.new_empty(() if reduced else rows_shape)
+    lse = input.new_empty((0,) if reduced else rows_shape, dtype=torch.float64)
+    computed = [flag and reduced for flag in flags]
+    return loss, lse, *_fake_grads(input, linear_weight, computed, _acc_dtype(input.dtype))
 
 
-@_backward_op.register_fake
-def _backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, lse,
-                   ignore_index, label_smoothing, logit_scale, softcap, lse_square_scale,
-                   chunk_size, grad_input, grad_linear_weight, grad_linear_bias):
-    return _fake_grads(input, linear_weight, grad_input, grad_linear_weight, grad_linear_bias,
-                       linear_weight.dtype)
+@torch.library.register_fake("fastce::linear_cross_entropy_backward")
+def _backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, lse, *rest, **kwargs):
+    _, _, flags = _read_call(rest, kwargs)
+    return _fake_grads(input, linear_weight, flags, linear_weight.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    (input, linear_weight, linear_bias, target, weight, reduction, *options, chunk_size,
-     grad_input, grad_linear_weight, grad_linear_bias) = inputs
+    input, linear_weight, linear_bias, target, weight, *rest = inputs
+    options, chunk_size, flags = _read_call(rest, {})
     _, lse, gx, gw, gb = output
-    ctx.reduction = reduction
-    ctx.computed = (grad_input, grad_linear_weight, grad_linear_bias)  # what it differentiates
-    ctx.options = (*options, chunk_size)
+    ctx.options, ctx.chunk_size = options, chunk_size
+    ctx.computed = flags  # what it differentiates
     ctx.weight_dtype = linear_weight.dtype
-    if reduction == _NONE:
+    if options.reduction == _NONE:
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse)
     else:
         ctx.save_for_backward(gx, gw, gb)
@@ -252,10 +245,11 @@ def _scale(grad, grad_loss, dtype):
 
 def _backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
     want_x, want_w, want_b = (n and c for n, c in zip(ctx.needs_input_grad, ctx.computed))
-    if ctx.reduction == _NONE:
+    if ctx.options.reduction == _NONE:
         input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
-        gx, gw, gb = _backward_op(grad_loss, input, linear_weight, linear_bias, target, weight,
-                                  lse, *ctx.options, want_x, want_w, want_b)
+        gx, gw, gb = ops.linear_cross_entropy_backward.default(
+            grad_loss, input, linear_weight, linear_bias, target, weight, lse, *ctx.options,
+            ctx.chunk_size, want_x, want_w, want_b)
     else:
         try:
             gx, gw, gb = ctx.saved_tensors
@@ -268,10 +262,11 @@ def _backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
         gw = _scale(gw, grad_loss, ctx.weight_dtype) if want_w else None
         gb = _scale(gb, grad_loss, ctx.weight_dtype) if want_b else None
     return (gx if want_x else None, gw if want_w else None, gb if want_b else None,
-            *([None] * 12))  # target, weight, options, flags
+            *([None] * (len(ctx.needs_input_grad) - 3)))  # target, weight, options, flags
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("fastce::linear_cross_entropy_forward", _backward,
+                                setup_context=_setup_context)
 
 
 def _check_shapes(input, linear_weight, target, linear_bias):
@@ -368,10 +363,10 @@ def linear_cross_entropy(
         t = t.to(input.dtype)
     grad = torch.is_grad_enabled()
     try:
-        loss = _forward_op(
-            x, linear_weight, linear_bias, t, weight, reduction_enum, ignore_index,
-            float(label_smoothing), float(logit_scale), None if softcap is None else float(softcap),
-            float(lse_square_scale), chunk_size, grad and input.requires_grad,
+        options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
+                              None if softcap is None else float(softcap), float(lse_square_scale))
+        loss = ops.linear_cross_entropy_forward.default(
+            x, linear_weight, linear_bias, t, weight, *options, chunk_size, grad and input.requires_grad,
             grad and linear_weight.requires_grad,
             grad and linear_bias is not None and linear_bias.requires_grad)[0]
     except _ARGUMENT_ERRORS as error:
