@@ -65,6 +65,26 @@ def _total_weight(target, weight, classes, ignore_index, prob, acc):
     return torch.where(valid, w_t, 0).sum(dtype=acc)
 
 
+# Classes per block of the low-precision weight gradient's matmul (see _accumulate_weight_grad):
+# its product, 4 MiB at H=256 in bfloat16, is added to the accumulator while in cache.
+_WEIGHT_GRAD_BLOCK = 8192
+
+
+def _accumulate_weight_grad(gw, grad, x):
+    """gw += grad^T x, with gw in float32/float64 (the accumulator) and grad, x in the input's
+    dtype. For 16-bit inputs the matmul runs in their dtype (the CPU's and GPU's 16-bit units
+    accumulate in float32 and round each block's product once; converting the chunk to float32
+    first made it 3.4x slower on an AVX-512 BF16 CPU), block by block over the classes so that
+    no V x H product is held besides the accumulator."""
+    if grad.dtype == gw.dtype:
+        gw.addmm_(grad.t(), x)
+        return
+    grad_t = grad.t()
+    for start in range(0, gw.shape[0], _WEIGHT_GRAD_BLOCK):
+        block = slice(start, start + _WEIGHT_GRAD_BLOCK)
+        gw[block] += torch.mm(grad_t[block], x)
+
+
 def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, want_w, want_b):
     """One pass over the row chunks (on real tensors, inside the custom ops).
 
@@ -139,7 +159,7 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
         if want_x:
             torch.mm(grad2d, w2, out=gx[start:end])
         if want_w:
-            gw2.addmm_(grad2d.t().to(acc), x_c.to(acc))
+            _accumulate_weight_grad(gw2, grad2d, x_c)
         if want_b:
             gb1 += grad2d.sum(0, dtype=acc)
 
