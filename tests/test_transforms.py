@@ -339,3 +339,17 @@ def test_plain_backward_takes_no_second_order_machinery():
     finally:
         _ops._LossGradient.apply = original
     assert not seen
+
+
+@pytest.mark.parametrize("case", ["index_weight_ignore_smoothing_mean", "prob_none", "kdim_mean", "llm_index"])
+def test_chunked_directional_sums(case, monkeypatch):
+    """Forward-mode tangents and second derivatives over several row chunks."""
+    from fastce import _ops
+    monkeypatch.setattr(_ops, "_DIRECTIONAL_CHUNK_ELEMENTS", 2 * C)
+    x, t, _, ours, theirs = make(case)
+    tx = torch.randn_like(x)
+    close(jvp(lambda x: ours(x, t), (x,), (tx,))[1], jvp(lambda x: theirs(x, t), (x,), (tx,))[1])
+    close(jvp(grad(lambda x: ours(x, t).sum()), (x,), (tx,))[1], jvp(grad(lambda x: theirs(x, t).sum()), (x,), (tx,))[1])
+    if _prob_case(t):
+        ty = torch.randn_like(t)
+        close(jvp(ours, (x, t), (tx, ty))[1], jvp(theirs, (x, t), (tx, ty))[1])

@@ -108,9 +108,9 @@ def _dual_level_active():
 
 
 def _transforms_active():
-    """A torch.func transform or forward-mode AD may see the call (eager only: under
-    torch.compile the traced Function is the plain one)."""
-    return not torch.compiler.is_compiling() and (_functorch_active() or _dual_level_active())
+    """A torch.func transform or forward-mode AD may see the call (dynamo evaluates both
+    while tracing a transform inside a compiled function)."""
+    return _functorch_active() or _dual_level_active()
 
 
 def call(op, *args, **kwargs):
@@ -217,19 +217,43 @@ def _class_dim_sum(t, input, reduced):
     return t.sum(dim=1 if input.dim() > 1 else 0)
 
 
+# Logits per chunk of _directional: bounds the gradient it holds (a forward-mode tangent
+# of the loss takes no (N, C) intermediate beyond one chunk).
+_DIRECTIONAL_CHUNK_ELEMENTS = 1 << 22
+
+
 def _directional(grad_loss, grad_z_loss, input, target, weight, lse, total_weight, options, x_dir, y_dir):
     """d/dgrad_loss of <gradient(grad_loss, grad_z_loss), (x_dir, y_dir)>, of grad_loss's
     shape: the gradient for unit incoming gradients of the given kind, summed against the
-    directions (the gradient op is linear in grad_loss and grad_z_loss)."""
+    directions (the gradient op is linear in grad_loss and grad_z_loss), over chunks of
+    rows (dim 0; the op takes the whole problem's total_weight)."""
+    rows = input.shape[0] if input.dim() > 1 else 1
+    chunk = max(1, _DIRECTIONAL_CHUNK_ELEMENTS // max(1, input.numel() // max(rows, 1)))
+    if rows <= chunk:
+        return _directional_chunk(grad_loss, grad_z_loss, input, target, weight, lse, total_weight, options,
+                                  x_dir, y_dir)
+    reduced = options.reduction != _NONE
+    parts = []
+    for start in range(0, rows, chunk):
+        def cut(t, rows_of=slice(start, start + chunk)):
+            return t if t is None else t[rows_of]
+        parts.append(_directional_chunk(
+            grad_loss if reduced else cut(grad_loss), grad_z_loss if reduced else cut(grad_z_loss), cut(input),
+            cut(target), weight, cut(lse), total_weight, options, cut(x_dir), cut(y_dir)))
+    return sum(parts[1:], parts[0]) if reduced else torch.cat(parts)
+
+
+def _directional_chunk(grad_loss, grad_z_loss, input, target, weight, lse, total_weight, options, x_dir, y_dir):
     want_y = y_dir is not None and target.is_floating_point()
     gx, gy = _LossGradient.apply(grad_loss, grad_z_loss, input, target, weight, lse, total_weight,
                                  _Static((options, want_y)))
     reduced = options.reduction != _NONE
+    acc = _acc_dtype(input)  # (16-bit logits: the products summed in float32)
     total = None
     if x_dir is not None:
-        total = _class_dim_sum(gx * x_dir, input, reduced)
+        total = _class_dim_sum(gx.to(acc) * x_dir.to(acc), input, reduced)
     if want_y:
-        by_y = _class_dim_sum(gy * y_dir, input, reduced)
+        by_y = _class_dim_sum(gy.to(acc) * y_dir.to(acc), input, reduced)
         total = by_y if total is None else total + by_y
     return total
 
@@ -479,8 +503,8 @@ class _CrossEntropy(torch.autograd.Function):
 
 class _CrossEntropyForwardMode(_CrossEntropy):
     """_CrossEntropy with forward-mode AD (torch.func.jvp / jacfwd, forward_ad): applied
-    where a transform or a dual level is active in eager mode (dynamo does not trace a
-    Function that defines jvp)."""
+    where a transform or a dual level is active, never traced by dynamo (which does not
+    trace a Function that defines jvp)."""
 
     @staticmethod
     def forward(input, target, weight, static):
@@ -502,6 +526,14 @@ class _CrossEntropyForwardMode(_CrossEntropy):
         _no_weight_derivative(weight_t)
         loss_t, z_loss_t = _loss_jvp(ctx.saved_tensors, ctx.options, ctx.loss_like, input_t, target_t)
         return loss_t, z_loss_t, None, None, None
+
+
+@torch.compiler.disable
+def _apply_forward_mode(*args):
+    """_CrossEntropyForwardMode.apply, run eagerly: under torch.compile a transform of the
+    loss graph-breaks here (dynamo would inline the Function's forward for inputs that do
+    not require grad, dropping a forward-mode tangent)."""
+    return _CrossEntropyForwardMode.apply(*args)
 
 
 def _cheap_apply(function):
@@ -535,8 +567,7 @@ def cross_entropy_loss(input, target, weight, options, inplace_backward=False):
     """(loss, z_loss) of the forward op with these LossOptions, differentiable."""
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     if _transforms_active():  # a transform's or a dual tensor's derivative may be needed
-        static = _Static((options, inplace_backward, False))
-        return _CrossEntropyForwardMode.apply(input, target, weight, static)[:2]
+        return _apply_forward_mode(input, target, weight, _Static((options, inplace_backward, False)))[:2]
     if not needs_grad:
         return call(ops.cross_entropy_forward.default, input, target, weight, *options)[:2]
     compute_grad = input.requires_grad and _gradient_in_forward(input, target, options, inplace_backward)
