@@ -353,3 +353,28 @@ def test_chunked_directional_sums(case, monkeypatch):
     if _prob_case(t):
         ty = torch.randn_like(t)
         close(jvp(ours, (x, t), (tx, ty))[1], jvp(theirs, (x, t), (tx, ty))[1])
+
+
+# ---- torch.compile -------------------------------------------------------------------------
+
+def test_transforms_and_torch_compile():
+    """A transform inside a compiled function graph-breaks at the loss (runs eagerly); a
+    transform of a compiled function works."""
+    x, t, _, ours, theirs = make("llm_kdim_sum")
+    x = x.float()
+    v = torch.randn_like(x)
+
+    def loss(fn):
+        return lambda x: fn(x, t)
+    torch._dynamo.reset()
+    want_grad = grad(loss(theirs))(x).float()
+    want_jvp = jvp(loss(theirs), (x,), (v,))[1].float()
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.compile(lambda x: grad(loss(ours))(x))(x), want_grad, **tol)
+    torch.testing.assert_close(torch.compile(lambda x: jvp(loss(ours), (x,), (v,))[1])(x), want_jvp, **tol)
+    xs = torch.stack([x, 2 * x])
+    torch.testing.assert_close(torch.compile(lambda xs: vmap(grad(loss(ours)))(xs))(xs),
+                               vmap(grad(loss(theirs)))(xs).float(), **tol)
+    compiled = torch.compile(loss(ours))
+    torch.testing.assert_close(grad(compiled)(x), want_grad, **tol)
+    torch.testing.assert_close(jvp(compiled, (x,), (v,))[1], want_jvp, **tol)

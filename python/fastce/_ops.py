@@ -101,10 +101,13 @@ def _plain_eager():
     return not torch.compiler.is_compiling() and not _functorch_active()
 
 
+_forward_ad = torch.autograd.forward_ad
+
+
 def _dual_level_active():
     """Inside torch.autograd.forward_ad.dual_level(): a dual tensor may reach the ops.
     (forward_ad keeps the level in a module global; torch has no public query.)"""
-    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+    return getattr(_forward_ad, "_current_level", -1) >= 0
 
 
 def _transforms_active():
@@ -141,8 +144,6 @@ def _tracing(t):
 
 def _save(ctx, input, target, weight, options, lse, total_weight, inplace_backward=False):
     ctx.save_for_backward(input, target, weight, lse, total_weight)
-    if _transforms_active():
-        ctx.save_for_forward(input, target, weight, lse, total_weight)
     ctx.options = options
     ctx.inplace_backward = inplace_backward
     ctx.set_materialize_grads(False)  # _backward takes None for unused outputs: no zero tensors
@@ -514,6 +515,7 @@ class _CrossEntropyForwardMode(_CrossEntropy):
     def setup_context(ctx, inputs, output):
         input, target, weight, static = inputs
         _CrossEntropy.setup_context(ctx, (input, target, weight, *static.value), output)
+        ctx.save_for_forward(input, target, weight, *output[2:4])  # (lse, total_weight)
         ctx.loss_like = output[0].detach()  # the loss's shape and dtype
 
     @staticmethod
