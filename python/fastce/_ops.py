@@ -198,8 +198,8 @@ torch.library.register_autograd("fastce::cross_entropy_forward", _registered_bac
 # the incoming gradients, so its derivative in them is the op again, and its derivative in
 # (input, target) is the loss's Hessian (python/fastce/_derivatives.py, symmetric: one
 # product serves double backward and forward mode). The loss's own forward-mode tangent is
-# sum(gradient * tangent), the gradient from the op for unit incoming gradients (an
-# (N, C) intermediate, as a backward pass has).
+# sum(gradient * tangent), the gradient from the op for unit incoming gradients, a chunk of
+# rows at a time (_directional).
 
 class _Static:
     """Non-tensor arguments of a Function under torch.func, held as one leaf: functorch's
@@ -474,7 +474,6 @@ def _scalable_in_place(dtype):
 
 class _CrossEntropy(torch.autograd.Function):
     """loss, z_loss of the forward op, with the registered op's autograd formula."""
-    generate_vmap_rule = True  # the ops' vmap rules (_vmap_by_loop) carry it
 
     @staticmethod
     def forward(input, target, weight, options, inplace_backward, compute_grad):
@@ -506,6 +505,7 @@ class _CrossEntropyForwardMode(_CrossEntropy):
     """_CrossEntropy with forward-mode AD (torch.func.jvp / jacfwd, forward_ad): applied
     where a transform or a dual level is active, never traced by dynamo (which does not
     trace a Function that defines jvp)."""
+    generate_vmap_rule = True  # the ops' vmap rules (_vmap_by_loop) carry it
 
     @staticmethod
     def forward(input, target, weight, static):
