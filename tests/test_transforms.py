@@ -323,6 +323,26 @@ def test_linear_double_backward(case):
     assert torch.autograd.gradgradcheck(ours, leaves)
 
 
+def test_linear_kdim_and_probability_targets():
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    W = torch.randn(C, 2, 4, generator=gen, dtype=torch.float64)
+    y = _index((5, 2), gen, ignore=True)
+    yp = _prob((5, C), gen)
+    W2 = torch.randn(C, 4, generator=gen, dtype=torch.float64)
+    problems = [  # (ours, theirs, linear weight)
+        (lambda h, W: fastce.linear_cross_entropy(h, W, y, label_smoothing=0.1),
+         lambda h, W: F.cross_entropy(F.linear(h, W.reshape(-1, 4)).view(5, C, 2), y, label_smoothing=0.1), W),
+        (lambda h, W: fastce.linear_cross_entropy(h, W, yp, reduction="sum"),
+         lambda h, W: F.cross_entropy(F.linear(h, W), yp, reduction="sum"), W2),
+    ]
+    for ours, theirs, weight in problems:
+        args = (h, weight)
+        tangents = tuple(torch.randn_like(a) for a in args)
+        close(jvp(ours, args, tangents)[1], jvp(theirs, args, tangents)[1])
+        close(hessian(ours, argnums=(0, 1))(*args), hessian(theirs, argnums=(0, 1))(*args))
+
+
 # ---- the first-order eager path stays the fast one ------------------------------------------
 
 def test_plain_backward_takes_no_second_order_machinery():
