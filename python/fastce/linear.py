@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._errors import raise_as_torch
-from ._ops import LossOptions, _options_and, _tracing, call, ops
+from ._ops import LossOptions, _options_and, _tracing, _transforms_active, call, cross_entropy_loss, ops
 from .functional import _ARGUMENT_ERRORS, _reduction_enum, as_torch_target
 
 _NONE, _MEAN, _SUM = 0, 1, 2
@@ -244,10 +244,10 @@ def _setup_context(ctx, inputs, output):
     ctx.options, ctx.chunk_size = options, chunk_size
     ctx.computed = flags  # what it differentiates
     ctx.weight_dtype = linear_weight.dtype
-    if options.reduction == _NONE:
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse)
-    else:
-        ctx.save_for_backward(gx, gw, gb)
+    # The inputs are kept for 'mean'/'sum' too (references, no copies): a backward with
+    # create_graph=True recomputes the gradients differentiably from them.
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight,
+                          *((lse,) if options.reduction == _NONE else (gx, gw, gb)))
     ctx.mark_non_differentiable(lse, gx, gw, gb)
     # No zero-filled gradients for those outputs: gw alone would cost a V x H buffer.
     ctx.set_materialize_grads(False)
@@ -263,16 +263,41 @@ def _scale(grad, grad_loss, dtype):
     return (grad * grad_loss).to(dtype)
 
 
+def _composite_loss(x, linear_weight, linear_bias, target, weight, options):
+    """The loss of (rows, H) input through fastce.cross_entropy on materialized logits: the
+    form torch.func transforms, forward-mode AD and double backward differentiate (the
+    fused ops' gradients are computed by their loops, outside autograd). Memory: the logits."""
+    classes, spatial = linear_weight.shape[0], linear_weight.shape[1:-1]
+    logits = torch.nn.functional.linear(x, linear_weight.reshape(-1, linear_weight.shape[-1]),
+                                        None if linear_bias is None else linear_bias.reshape(-1))
+    if spatial:
+        logits = logits.view(x.shape[0], classes, *spatial)
+    return cross_entropy_loss(logits, target, weight, options)[0]
+
+
+def _differentiable_backward(ctx, grad_loss, wanted):
+    """create_graph=True: the requested gradients as functions of the inputs (and grad_loss),
+    by autograd through _composite_loss."""
+    input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
+    wrt = [t for t, want in zip((input, linear_weight, linear_bias), wanted) if want]
+    with torch.enable_grad():
+        loss = _composite_loss(input, linear_weight, linear_bias, target, weight, ctx.options)
+        grads = iter(torch.autograd.grad(loss, wrt, grad_loss, create_graph=True))
+    return tuple(next(grads) if want else None for want in wanted)
+
+
 def _backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
     want_x, want_w, want_b = (n and c for n, c in zip(ctx.needs_input_grad, ctx.computed))
-    if ctx.options.reduction == _NONE:
+    if torch.is_grad_enabled():  # create_graph=True
+        gx, gw, gb = _differentiable_backward(ctx, grad_loss, (want_x, want_w, want_b))
+    elif ctx.options.reduction == _NONE:
         input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
         gx, gw, gb = ops.linear_cross_entropy_backward.default(
             grad_loss, input, linear_weight, linear_bias, target, weight, lse, *ctx.options,
             ctx.chunk_size, want_x, want_w, want_b)
     else:
         try:
-            gx, gw, gb = ctx.saved_tensors
+            gx, gw, gb = ctx.saved_tensors[5:]
         except RuntimeError as e:  # they were scaled in place by a first backward
             raise RuntimeError(
                 "fastce.linear_cross_entropy: backward through the same graph twice is not "
@@ -385,10 +410,13 @@ def linear_cross_entropy(
     try:
         options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
                               None if softcap is None else float(softcap), float(lse_square_scale))
-        loss = ops.linear_cross_entropy_forward.default(
-            x, linear_weight, linear_bias, t, weight, *options, chunk_size, grad and input.requires_grad,
-            grad and linear_weight.requires_grad,
-            grad and linear_bias is not None and linear_bias.requires_grad)[0]
+        if _transforms_active():  # torch.func / forward-mode AD: the logits materialized
+            loss = _composite_loss(x, linear_weight, linear_bias, t, weight, options)
+        else:
+            loss = ops.linear_cross_entropy_forward.default(
+                x, linear_weight, linear_bias, t, weight, *options, chunk_size, grad and input.requires_grad,
+                grad and linear_weight.requires_grad,
+                grad and linear_bias is not None and linear_bias.requires_grad)[0]
     except _ARGUMENT_ERRORS as error:
         if spatial:
             raise
