@@ -40,9 +40,10 @@ void empty_cache(StableIValue*, uint64_t, uint64_t) { cpu::release_kept_buffer()
 STABLE_TORCH_LIBRARY(fastce, m) {
   // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float64 log-sum-exp of
   // each row's transformed logits (float64 keeps z - lse exact for large logits);
-  // total_weight: the mean's divisor (float32, float64 for float64 input). loss and z_loss are
-  // of loss_dtype (default: the input's). grad_input: with
-  // compute_grad, the gradient of the logits for grad_loss = 1 and grad_z_loss = 0 (what
+  // total_weight: the mean's two divisors (rules.h: Divisors), the total weight of the
+  // cross-entropy and the count of non-ignored rows of the z-loss (shape (2,), float32,
+  // float64 for float64 input). loss and z_loss are of loss_dtype (default: the input's).
+  // grad_input: with compute_grad, the gradient of the logits for grad_loss = 1 and grad_z_loss = 0 (what
   // cross_entropy_backward returns for them, bit for bit), computed while the rows are in
   // cache; else empty.
   m.def(("cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, " + kOptionsSchema +

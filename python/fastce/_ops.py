@@ -67,7 +67,7 @@ def _forward_fake(input, target, weight, *rest, **kwargs):
     loss_shape = rows if opt.reduction == _NONE else ()
     loss_dtype = input.dtype if loss_dtype is None else loss_dtype
     return (input.new_empty(loss_shape, dtype=loss_dtype), input.new_empty(loss_shape, dtype=loss_dtype),
-            input.new_empty(rows, dtype=torch.float64), input.new_empty((), dtype=_acc_dtype(input)),
+            input.new_empty(rows, dtype=torch.float64), input.new_empty((2,), dtype=_acc_dtype(input)),
             input.new_empty(input.shape if compute_grad else (0,)))
 
 

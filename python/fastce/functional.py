@@ -74,7 +74,8 @@ def cross_entropy(
     - ``logit_scale``: logits are multiplied by it first: ``z = logit_scale * input``.
     - ``softcap``: then soft-capped: ``z = softcap * tanh(z / softcap)``.
     - ``lse_square_scale``: z-loss; each non-ignored row adds
-      ``lse_square_scale * logsumexp(z) ** 2`` (times the row's class weight).
+      ``lse_square_scale * logsumexp(z) ** 2``, not weighted by ``weight``; 'mean' divides it
+      by the number of non-ignored rows (Liger-Kernel's definition).
     - ``return_z_loss``: also return the z-loss part alone, reduced the same way.
     - ``inplace_backward``: backward writes the gradient into ``input``'s storage instead of a
       new buffer. ``input`` must not be a leaf, and must not be used after the backward pass.

@@ -55,14 +55,22 @@ def _chunk_rows(rows, row_classes, dtype, device, chunk_size):
 
 
 def _total_weight(target, weight, classes, ignore_index, prob, acc):
-    """The divisor of 'mean' (as the loss kernel defines it), from tensor ops: no host sync."""
+    """The divisors of 'mean' as the loss kernel's total_weight output holds them (rules.h:
+    Divisors: the total weight, the non-ignored rows), from tensor ops: no host sync."""
     if prob:
-        return target.new_full((), target.numel() // classes, dtype=acc)  # no host-to-device copy
+        return target.new_full((2,), target.numel() // classes, dtype=acc)  # no host-to-device copy
     valid = target != ignore_index
+    counted = valid.sum(dtype=acc)
     if weight is None:
-        return valid.sum(dtype=acc)
+        return torch.stack([counted, counted])
     w_t = weight.to(acc)[target.long().clamp(0, classes - 1)]  # the kernel rejects bad targets
-    return torch.where(valid, w_t, 0).sum(dtype=acc)
+    return torch.stack([torch.where(valid, w_t, 0).sum(dtype=acc), counted])
+
+
+def _mean(sum_loss, sum_z, divisors):
+    """'mean' of the summed losses (z-loss included) and z-losses: rules.h's reduce_losses (the
+    cross-entropy over the total weight, the z-loss over the non-ignored rows)."""
+    return (sum_loss - sum_z) / divisors[0] + sum_z / divisors[1]
 
 
 def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, want_w, want_b):
@@ -96,6 +104,7 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
     total_weight = _total_weight(target, weight, classes, opts.ignore_index, prob, acc)
     if forward:
         loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
+        z_sum = x.new_zeros((), dtype=acc)
         lse = x.new_empty((rows, *spatial), dtype=torch.float64)  # as the kernel saves it
     gx = gw = gb = None
     if grads:
@@ -120,12 +129,14 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
         logits = logits2d.view(end - start, classes, *spatial)
         if forward:
             # 'mean' is summed here and divided by the global total weight at the end.
-            loss_c, _, lse_c = call(ops.cross_entropy_forward.default, logits, t_c, weight, *sum_opts)[:3]
+            loss_c, z_c, lse_c = call(ops.cross_entropy_forward.default, logits, t_c, weight, *sum_opts,
+                                      loss_dtype=loss.dtype)[:3]
             lse[start:end] = lse_c
             if reduction == _NONE:
                 loss[start:end] = loss_c
             else:
                 loss += loss_c
+                z_sum += z_c
         if not grads:
             continue
         g_c = grad_loss[start:end] if reduction == _NONE else grad_loss
@@ -145,7 +156,7 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
 
     if forward and reduction != _NONE:
         if reduction == _MEAN:
-            loss = loss / total_weight
+            loss = _mean(loss, z_sum, total_weight)
         loss = loss.to(x.dtype)
     return (loss if forward else None), lse, gx, gw, gb
 

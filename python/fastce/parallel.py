@@ -141,6 +141,6 @@ def vocab_parallel_cross_entropy(
     if reduction_enum == _NONE:
         return loss.to(logits.dtype)
     total = loss.sum()
-    if reduction_enum == _MEAN:
-        total = total / total_weight
+    if reduction_enum == _MEAN:  # no class weights here: the two divisors are the same
+        total = total / total_weight[0]
     return total.to(logits.dtype)

@@ -94,7 +94,7 @@ class Kernels:
         loss_dtype = loss_dtype or self.x.dtype
         lse, row_loss, row_zloss, row_weight = (torch.empty(rows, dtype=torch.float64) for _ in range(4))
         loss, zloss = torch.empty((), dtype=loss_dtype), torch.empty((), dtype=loss_dtype)
-        tw = torch.empty((), dtype=acc_dtype(self.x))
+        tw = torch.empty(2, dtype=acc_dtype(self.x))
         chunks = self.lib.emu_forward(ctypes.byref(self.problem), ctypes.byref(self.options), self.sm,
                                       DT[loss_dtype], *map(ptr, (lse, row_loss, row_zloss, row_weight, loss, zloss,
                                                                  tw)))
