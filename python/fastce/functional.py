@@ -65,6 +65,7 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
     inplace_backward: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
 ):
     """Cross-entropy between logits and targets; a drop-in for
     ``torch.nn.functional.cross_entropy`` (same arguments, results, gradients and errors).
@@ -79,6 +80,10 @@ def cross_entropy(
     - ``return_z_loss``: also return the z-loss part alone, reduced the same way.
     - ``inplace_backward``: backward writes the gradient into ``input``'s storage instead of a
       new buffer. ``input`` must not be a leaf, and must not be used after the backward pass.
+    - ``loss_dtype``: the dtype of the loss and z-loss (default: the input's, as torch; under
+      ``torch.autocast``, float32 for 16-bit input, as torch). ``torch.float32`` gives 16-bit
+      logits a float32 loss without rounding it to 16 bits (as flash-attn and quack return it).
+      The gradient keeps the input's dtype.
     """
     _check_argument_types(input, target, weight, ignore_index, label_smoothing)
     if size_average is not None or reduce is not None:
@@ -98,7 +103,7 @@ def cross_entropy(
     options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
                           None if softcap is None else float(softcap), float(lse_square_scale))
     try:
-        loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward))
+        loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward), loss_dtype)
     except _ARGUMENT_ERRORS as error:
         raise_as_torch(error, lambda: torch.nn.functional.cross_entropy(
             input, as_torch_target(target), weight, ignore_index=ignore_index, reduction=reduction,
