@@ -79,3 +79,126 @@ def test_z_loss_of_probability_targets_counts_every_row():
     lse = torch.logsumexp(x, 1)
     torch.testing.assert_close(z, 0.1 * (lse * lse).mean())
     torch.testing.assert_close(loss, F.cross_entropy(x, y, weight=w) + z)
+
+
+# ---- flash-attn's cross_entropy_loss -----------------------------------------------------------
+
+def _flash_attn_reference(logits, labels, smoothing=0.0, logit_scale=1.0, lse_square_scale=0.0,
+                          ignore_index=-100, lse=None):
+    """flash-attn's documented per-row loss in float64: with z = logit_scale * logits and L the
+    row's lse (or the given one), (1 - s)(L - z_y) + s (L - mean_c z_c) + lse_square_scale L^2,
+    and 0 on ignored rows; the z-loss part alone as the second value."""
+    z = logits.double() * logit_scale
+    L = torch.logsumexp(z, 1) if lse is None else lse.double()
+    valid = labels != ignore_index
+    z_y = z.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
+    ce = (1 - smoothing) * (L - z_y) + smoothing * (L - z.mean(1))
+    zl = lse_square_scale * L * L
+    return torch.where(valid, ce + zl, 0.0), torch.where(valid, zl, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.1, logit_scale=0.8, lse_square_scale=1e-3),
+                                  dict(ignore_index=4, lse_square_scale=1e-2)])
+def test_flash_attn_cross_entropy_loss(dtype, opts):
+    from fastce.compat import flash_attn_cross_entropy_loss
+    torch.manual_seed(5)
+    x = (torch.randn(33, 70, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    t = torch.randint(0, 70, (33,))
+    t[::4] = opts.get("ignore_index", -100)
+    losses, z_losses = flash_attn_cross_entropy_loss(x, t, **opts)
+    assert losses.dtype == z_losses.dtype == torch.float32 and losses.shape == (33,)
+    assert not z_losses.requires_grad  # for logging, as flash-attn's
+    ref_opts = dict(smoothing=opts.get("label_smoothing", 0.0), logit_scale=opts.get("logit_scale", 1.0),
+                    lse_square_scale=opts.get("lse_square_scale", 0.0), ignore_index=opts.get("ignore_index", -100))
+    xr = x.detach().double().requires_grad_()
+    ref, ref_z = _flash_attn_reference(xr, t, **ref_opts)
+    torch.testing.assert_close(losses.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_losses.double(), ref_z, rtol=1e-5, atol=1e-7)
+    g = torch.rand(33, dtype=torch.float64)
+    gx, = torch.autograd.grad((losses * g.float()).sum(), x)
+    gr, = torch.autograd.grad((ref * g).sum(), xr)
+    assert gx.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(gx.double(), gr, rtol=tol, atol=tol * gr.abs().max().item())
+
+
+def test_flash_attn_precomputed_lse_and_inplace_backward():
+    from fastce.compat import flash_attn_cross_entropy_loss
+    torch.manual_seed(6)
+    x = torch.randn(12, 30, dtype=torch.float64)
+    t = torch.randint(0, 30, (12,))
+    t[3] = -100
+    lse = torch.logsumexp(x, 1) + 0.25  # not the logits' own: flash-attn takes it as given
+    leaf = x.clone().requires_grad_()
+    losses, z = flash_attn_cross_entropy_loss(leaf, t, precomputed_lse=lse, lse_square_scale=1e-2)
+    ref, ref_z = _flash_attn_reference(x, t, lse_square_scale=1e-2, lse=lse)
+    torch.testing.assert_close(losses.double(), ref)
+    torch.testing.assert_close(z.double(), ref_z)
+    g = torch.rand(12, dtype=torch.float64)
+    gx, = torch.autograd.grad((losses * g).sum(), leaf)
+    # d/dx of L - x_y + s L^2 with L held fixed at the given lse: its softmax, exp(x - L)
+    p = torch.exp(x - lse[:, None])
+    want = g[:, None] * (p * (1 + 2e-2 * lse[:, None]) - F.one_hot(t.clamp(0), 30))
+    want[3] = 0
+    torch.testing.assert_close(gx, want)
+    # ignored with label smoothing (as flash-attn): the lse is computed
+    losses, _ = flash_attn_cross_entropy_loss(x, t, precomputed_lse=lse, label_smoothing=0.1)
+    torch.testing.assert_close(losses.double(), _flash_attn_reference(x, t, smoothing=0.1)[0])
+    # in-place backward: the gradient lands in the logits' storage
+    h = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(5, 30, dtype=torch.float64)
+    for plse in (None, torch.logsumexp((h @ head).detach(), 1)):
+        logits = h @ head
+        losses, _ = flash_attn_cross_entropy_loss(logits, t, precomputed_lse=plse, inplace_backward=True)
+        gh, = torch.autograd.grad(losses.sum(), h)
+        ref, _ = _flash_attn_reference(h @ head, t)
+        ref_gh, = torch.autograd.grad(ref.sum(), h)
+        torch.testing.assert_close(gh, ref_gh)
+
+
+def _flash_attn_worker(rank, world, port, out_path):
+    import datetime
+    import json
+    import os
+    import torch.distributed as dist
+    from fastce.compat import flash_attn_cross_entropy_loss
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    verdict = None
+    try:
+        torch.manual_seed(7)
+        V_local = 13
+        x = torch.randn(10, V_local * world, dtype=torch.float64)
+        t = torch.randint(0, V_local * world, (10,))
+        t[::3] = -100
+        opts = dict(label_smoothing=0.1, logit_scale=0.9, lse_square_scale=1e-2)
+        shard = x[:, rank * V_local:(rank + 1) * V_local].clone().requires_grad_()
+        losses, z = flash_attn_cross_entropy_loss(shard, t, process_group=dist.group.WORLD, **opts)
+        xr = x.clone().requires_grad_()
+        ref, ref_z = _flash_attn_reference(xr, t, smoothing=0.1, logit_scale=0.9, lse_square_scale=1e-2)
+        assert losses.dtype == torch.float32 and z.dtype == torch.float32
+        assert torch.allclose(losses.double(), ref, rtol=1e-5, atol=1e-5), (losses, ref)
+        assert torch.allclose(z.double(), ref_z, rtol=1e-5, atol=1e-7)
+        g = torch.rand(10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        (losses.double() * g).sum().backward()
+        (ref * g).sum().backward()
+        assert torch.allclose(shard.grad, xr.grad[:, rank * V_local:(rank + 1) * V_local], rtol=1e-5, atol=1e-6)
+    except Exception as e:  # reported by rank 0's file
+        verdict = f"rank {rank}: {type(e).__name__}: {e}"
+    gathered = [None] * world
+    dist.all_gather_object(gathered, verdict)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump([v for v in gathered if v], f)
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_flash_attn_process_group(world, tmp_path):
+    import json
+    from test_parallel import run_ranks
+    out = tmp_path / "verdict.json"
+    run_ranks(_flash_attn_worker, world, str(out))
+    assert json.loads(out.read_text()) == []

@@ -110,6 +110,7 @@ def vocab_parallel_cross_entropy(
     lse_square_scale: float = 0.0,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Cross-entropy of logits whose classes are split across the ranks of ``group``.
 
@@ -125,7 +126,7 @@ def vocab_parallel_cross_entropy(
     size) spare one exchange of the shard sizes when given; under ``torch.compile`` give them
     (the exchange reads its result on the host). ``logit_scale``, ``softcap`` and
     ``lse_square_scale`` are those of ``fastce.cross_entropy``. Every rank must call this with
-    the same options and row count.
+    the same options and row count. ``loss_dtype``: the loss's dtype (default: the logits').
     """
     reduction_enum = _reduction_enum(reduction)
     if target.is_floating_point():
@@ -138,9 +139,10 @@ def vocab_parallel_cross_entropy(
                           None if softcap is None else float(softcap), float(lse_square_scale),
                           int(vocab_start), int(vocab_size))
     loss, _, total_weight = _VocabParallelLoss.apply(logits, target, options, group)
+    loss_dtype = logits.dtype if loss_dtype is None else loss_dtype
     if reduction_enum == _NONE:
-        return loss.to(logits.dtype)
+        return loss.to(loss_dtype)
     total = loss.sum()
     if reduction_enum == _MEAN:  # no class weights here: the two divisors are the same
         total = total / total_weight[0]
-    return total.to(logits.dtype)
+    return total.to(loss_dtype)
