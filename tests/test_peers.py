@@ -202,3 +202,60 @@ def test_flash_attn_process_group(world, tmp_path):
     out = tmp_path / "verdict.json"
     run_ranks(_flash_attn_worker, world, str(out))
     assert json.loads(out.read_text()) == []
+
+
+# ---- Cut Cross-Entropy's shift, and loss_dtype, on linear_cross_entropy ------------------------
+
+@pytest.mark.parametrize("shift", [1, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_shift_is_cut_cross_entropys(shift, reduction):
+    torch.manual_seed(8)
+    B, T, H, V = 3, 11, 8, 29
+    h = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (B, T))
+    t[0, 4] = -100
+    loss = fastce.linear_cross_entropy(h, w, t, shift=shift, reduction=reduction, label_smoothing=0.1,
+                                       lse_square_scale=1e-3, chunk_size=7)
+    logits = (h @ w.t())[..., :-shift, :]
+    tt = t[..., shift:]
+    lse = torch.logsumexp(logits, -1)
+    valid = tt != -100
+    z = 1e-3 * torch.where(valid, lse * lse, 0.0)
+    ref = F.cross_entropy(logits.reshape(-1, V), tt.reshape(-1), reduction=reduction, label_smoothing=0.1)
+    if reduction == "none":
+        ref = ref.reshape(B, T - shift) + z
+    else:
+        ref = ref + (z.sum() / valid.sum() if reduction == "mean" else z.sum())
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss, ref)
+    g = torch.rand_like(ref)
+    got = torch.autograd.grad((loss * g).sum(), (h, w))
+    want = torch.autograd.grad((ref * g).sum(), (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.all(got[0][:, -shift:] == 0)  # the last positions predict nothing
+
+
+def test_linear_shift_errors_and_zero():
+    h, w, t = torch.randn(2, 5, 4), torch.randn(7, 4), torch.randint(0, 7, (2, 5))
+    torch.testing.assert_close(fastce.linear_cross_entropy(h, w, t, shift=0), fastce.linear_cross_entropy(h, w, t))
+    with pytest.raises(ValueError, match="shift"):
+        fastce.linear_cross_entropy(h, w, t, shift=-1)
+    with pytest.raises(ValueError, match="shift"):
+        fastce.linear_cross_entropy(h, w, t[:, :4], shift=1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_loss_dtype_float32(reduction):
+    torch.manual_seed(9)
+    h = torch.randn(50, 16).bfloat16().requires_grad_()
+    w = torch.randn(40, 16).bfloat16().requires_grad_()
+    t = torch.randint(0, 40, (50,))
+    loss = fastce.linear_cross_entropy(h, w, t, reduction=reduction, loss_dtype=torch.float32)
+    assert loss.dtype == torch.float32
+    ref = F.cross_entropy((h @ w.t()).double(), t, reduction=reduction)  # the bf16 logits, in float64
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    gh, gw = torch.autograd.grad(loss.sum(), (h, w))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    assert fastce.linear_cross_entropy(h, w, t, reduction=reduction).dtype == torch.bfloat16

@@ -73,14 +73,15 @@ def _mean(sum_loss, sum_z, divisors):
     return (sum_loss - sum_z) / divisors[0] + sum_z / divisors[1]
 
 
-def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, want_w, want_b):
+def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, want_w, want_b, loss_dtype=None):
     """One pass over the row chunks (on real tensors, inside the custom ops).
 
     x (N, H); w (V, *d, H); b (V, *d) or None; target (N, *d) class indices or (N, V, *d)
     probabilities. Without ``lse`` it runs the loss kernel (returning the loss and the rows'
     lse); with ``grad_loss`` (a scalar for 'mean'/'sum', per row for 'none') it also
     accumulates the requested gradients. Returns loss, lse, grad_x, grad_w, grad_b (None
-    when not computed; grad_w and grad_b in float32 for low-precision weights).
+    when not computed; grad_w and grad_b in float32 for low-precision weights). The loss is of
+    loss_dtype (None: x's).
     """
     rows, hidden = x.shape
     classes, spatial = w.shape[0], tuple(w.shape[1:-1])
@@ -103,7 +104,8 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
     call(ops.cross_entropy_forward.default, buf[:0].view(0, classes, *spatial), target[:0], weight, *opts)
     total_weight = _total_weight(target, weight, classes, opts.ignore_index, prob, acc)
     if forward:
-        loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
+        loss_dtype = x.dtype if loss_dtype is None else loss_dtype
+        loss = x.new_empty((rows, *spatial), dtype=loss_dtype) if reduction == _NONE else x.new_zeros((), dtype=acc)
         z_sum = x.new_zeros((), dtype=acc)
         lse = x.new_empty((rows, *spatial), dtype=torch.float64)  # as the kernel saves it
     gx = gw = gb = None
@@ -157,7 +159,7 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
     if forward and reduction != _NONE:
         if reduction == _MEAN:
             loss = _mean(loss, z_sum, total_weight)
-        loss = loss.to(x.dtype)
+        loss = loss.to(loss_dtype)
     return (loss if forward else None), lse, gx, gw, gb
 
 
@@ -179,6 +181,12 @@ def _read_call(rest, kwargs):
     return options, chunk_size, flags
 
 
+def _loss_dtype_of(rest, kwargs):
+    """The forward op's loss_dtype (its last argument)."""
+    n = len(LossOptions._fields) + 4  # the options, chunk_size and the three flags
+    return kwargs.get("loss_dtype", rest[n] if len(rest) > n else None)
+
+
 @torch.library.impl("fastce::linear_cross_entropy_forward", "CompositeExplicitAutograd")
 def _forward_impl(input, linear_weight, linear_bias, target, weight, *rest, **kwargs):
     """loss, the rows' lse (kept for 'none', else empty), and for 'mean'/'sum' the requested
@@ -187,7 +195,8 @@ def _forward_impl(input, linear_weight, linear_bias, target, weight, *rest, **kw
     options, chunk_size, flags = _read_call(rest, kwargs)
     precompute = options.reduction != _NONE and any(flags)
     loss, lse, *grads = _loop(input, linear_weight, linear_bias, target, weight, options, chunk_size,
-                              None, input.new_ones(()) if precompute else None, *flags)
+                              None, input.new_ones(()) if precompute else None, *flags,
+                              loss_dtype=_loss_dtype_of(rest, kwargs))
     if options.reduction != _NONE:
         lse = lse.new_empty(0)
     return loss, lse, *_grads_or_empty(input, linear_weight, grads, _acc_dtype(input.dtype))
@@ -216,7 +225,7 @@ def _forward_fake(input, linear_weight, linear_bias, target, weight, *rest, **kw
     options, _, flags = _read_call(rest, kwargs)
     reduced = options.reduction != _NONE
     rows_shape = (input.shape[0], *linear_weight.shape[1:-1])
-    loss = input.new_empty(() if reduced else rows_shape)
+    loss = input.new_empty(() if reduced else rows_shape, dtype=_loss_dtype_of(rest, kwargs) or input.dtype)
     lse = input.new_empty((0,) if reduced else rows_shape, dtype=torch.float64)
     computed = [flag and reduced for flag in flags]
     return loss, lse, *_fake_grads(input, linear_weight, computed, _acc_dtype(input.dtype))
@@ -335,6 +344,8 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     lse_square_scale: float = 0.0,
     chunk_size: Optional[int] = None,
+    shift: int = 0,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without
     materializing the logits; the same arguments and results as torch 2.13's
@@ -346,6 +357,12 @@ def linear_cross_entropy(
       K-dimensional loss over ``(N, H)`` input, with target ``(N, d_1, ..., d_K)``.
     - ``logit_scale``, ``softcap``, ``lse_square_scale``: as in :func:`fastce.cross_entropy`.
     - ``chunk_size``: rows per chunk; by default chosen from the shapes and the device.
+    - ``shift``: Cut Cross-Entropy's: ``shift=k`` pairs ``input[..., :-k, :]`` with
+      ``target[..., k:]`` (next-token prediction from unshifted hidden states and labels),
+      without copying ``input``; the loss for ``reduction='none'`` has ``k`` fewer positions
+      in the last batch dimension. Class-index targets only.
+    - ``loss_dtype``: the loss's dtype (default: the input's); ``torch.float32`` keeps a
+      16-bit input's loss in float32.
     - ``options``: torch's ``LinearCrossEntropyOptions``, accepted so that calls written for
       torch work; only its ``batch_chunk_size`` is used (as ``chunk_size``). fastce always
       chunks and accumulates low-precision gradients in float32.
@@ -354,6 +371,8 @@ def linear_cross_entropy(
     computes the gradients during the forward pass when they are needed, so backward is
     cheap; ``'none'`` recomputes the logits in backward.
     """
+    if shift:
+        input, target, unshift = _shifted(input, target, shift, ignore_index, linear_weight)
     batch, classes, spatial = _check_shapes(input, linear_weight, target, linear_bias)
     reduction_enum = _reduction_enum(reduction)
     if chunk_size is not None and chunk_size < 1:
@@ -379,7 +398,7 @@ def linear_cross_entropy(
         loss = ops.linear_cross_entropy_forward.default(
             x, linear_weight, linear_bias, t, weight, *options, chunk_size, grad and input.requires_grad,
             grad and linear_weight.requires_grad,
-            grad and linear_bias is not None and linear_bias.requires_grad)[0]
+            grad and linear_bias is not None and linear_bias.requires_grad, loss_dtype)[0]
     except _ARGUMENT_ERRORS as error:
         if spatial:
             raise
@@ -388,7 +407,28 @@ def linear_cross_entropy(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing))
     if reduction_enum == _NONE:
         loss = loss.reshape((*batch, *spatial))
+        if shift:
+            loss = unshift(loss)
     return loss
+
+
+def _shifted(input, target, shift, ignore_index, linear_weight):
+    """Cut Cross-Entropy's shift without a copy of input: position p's hidden state is paired
+    with the target of position p + shift, and the last `shift` positions (which have none)
+    with ignore_index, so they add nothing to the loss, its 'mean' divisor or the gradients.
+    Returns the input, the re-indexed target (O(positions)) and the map from the per-position
+    loss to the shifted one (a view)."""
+    if not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"shift must be a non-negative int, got {shift!r}")
+    if target.is_floating_point() or input.dim() < 2 or linear_weight.dim() != 2:
+        raise ValueError("shift takes class-index targets of shape (..., T) for input (..., T, H)")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"shift: target shape {tuple(target.shape)} must be input's {tuple(input.shape[:-1])} "
+                         "without its last dimension")
+    ignore = -100 if ignore_index is None else ignore_index
+    shifted = torch.full_like(target, ignore)
+    shifted[..., :max(target.shape[-1] - shift, 0)] = target[..., shift:]
+    return input, shifted, lambda loss: loss[..., :max(loss.shape[-1] - shift, 0)]
 
 
 class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)):
