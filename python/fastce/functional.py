@@ -10,6 +10,11 @@ from ._ops import REDUCTIONS, LossOptions, cross_entropy_loss
 _ARGUMENT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
 
 
+def is_dtensor(t) -> bool:
+    """Whether t is a torch.distributed DTensor (without importing torch.distributed)."""
+    return type(t) is not torch.Tensor and hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
 def as_torch_target(target):
     """The target as torch takes it: fastce also takes int32 class indices."""
     return target.long() if target.dtype == torch.int32 else target
@@ -85,6 +90,13 @@ def cross_entropy(
       logits a float32 loss without rounding it to 16 bits (as flash-attn and quack return it).
       The gradient keeps the input's dtype.
     """
+    if is_dtensor(input):  # torch's loss_parallel() pattern, and batch-sharded logits
+        from .parallel import dtensor_cross_entropy
+        if size_average is not None or reduce is not None:
+            reduction = _legacy_reduction(size_average, reduce)
+        _reduction_enum(reduction)
+        return dtensor_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
+                                     softcap, lse_square_scale, return_z_loss, loss_dtype)
     _check_argument_types(input, target, weight, ignore_index, label_smoothing)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
