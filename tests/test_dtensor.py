@@ -23,7 +23,7 @@ OPTIONS = {
 
 def _check(rank, world, mesh, placement, option, reduction):
     import fastce
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     opts = dict(OPTIONS[option])
     gen = torch.Generator().manual_seed(zlib.crc32(f"{placement}{option}{reduction}".encode()))  # same on every rank
     N, C = 7, 11
@@ -33,7 +33,10 @@ def _check(rank, world, mesh, placement, option, reduction):
         t[::3] = -100
     w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.3 if opts.pop("weight", False) else None
     d = distribute_tensor(x.clone(), mesh, [placement]).requires_grad_()
-    loss = fastce.cross_entropy(d, t, weight=w, reduction=reduction, **opts)
+    # the target as a plain tensor (the global one) or a DTensor laid out like the rows
+    target = t if reduction != "sum" else distribute_tensor(t, mesh, [placement if placement == Shard(0) else
+                                                                      Replicate()])
+    loss = fastce.cross_entropy(d, target, weight=w, reduction=reduction, **opts)
     assert type(loss).__name__ == "DTensor", type(loss)
     got = loss.full_tensor()
     xr = x.clone().requires_grad_()

@@ -154,9 +154,11 @@ def _local_target(target, mesh, placements):
     """The target rows of this rank's logits: a DTensor target is laid out like them; a plain
     one is the global target, the same on every rank (as torch's loss_parallel takes it)."""
     from torch.distributed.tensor import distribute_tensor
+    if not placements:  # the whole target
+        return target.full_tensor() if is_dtensor(target) else target
     if is_dtensor(target):
         return target.redistribute(mesh, placements).to_local()
-    return distribute_tensor(target, mesh, placements).to_local() if placements else target
+    return distribute_tensor(target, mesh, placements).to_local()
 
 
 def dtensor_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap,
