@@ -259,3 +259,14 @@ def test_linear_loss_dtype_float32(reduction):
     gh, gw = torch.autograd.grad(loss.sum(), (h, w))
     assert gh.dtype == gw.dtype == torch.bfloat16
     assert fastce.linear_cross_entropy(h, w, t, reduction=reduction).dtype == torch.bfloat16
+
+
+def test_linear_module_shift_and_loss_dtype():
+    torch.manual_seed(10)
+    m = fastce.LinearCrossEntropyLoss(8, 19, shift=1, loss_dtype=torch.float32, dtype=torch.bfloat16)
+    h = torch.randn(2, 6, 8, dtype=torch.bfloat16)
+    t = torch.randint(0, 19, (2, 6))
+    loss = m(h, t)
+    assert loss.dtype == torch.float32 and "shift=1" in repr(m)
+    want = fastce.linear_cross_entropy(h, m.linear.weight, t, shift=1, loss_dtype=torch.float32)
+    torch.testing.assert_close(loss, want)

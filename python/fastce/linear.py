@@ -459,6 +459,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
         softcap: Optional[float] = None,
         lse_square_scale: float = 0.0,
         chunk_size: Optional[int] = None,
+        shift: int = 0,
+        loss_dtype: Optional[torch.dtype] = None,
     ) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(
@@ -482,6 +484,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
         self.softcap = softcap
         self.lse_square_scale = lse_square_scale
         self.chunk_size = chunk_size
+        self.shift = shift
+        self.loss_dtype = loss_dtype
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)
@@ -492,7 +496,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, options=self.options,
             logit_scale=self.logit_scale, softcap=self.softcap,
-            lse_square_scale=self.lse_square_scale, chunk_size=self.chunk_size)
+            lse_square_scale=self.lse_square_scale, chunk_size=self.chunk_size, shift=self.shift,
+            loss_dtype=self.loss_dtype)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
@@ -500,7 +505,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
                  f"reduction={self.reduction}", f"ignore_index={self.ignore_index}",
                  f"label_smoothing={self.label_smoothing}"]
         for name, default in (("options", None), ("logit_scale", 1.0), ("softcap", None),
-                              ("lse_square_scale", 0.0), ("chunk_size", None)):
+                              ("lse_square_scale", 0.0), ("chunk_size", None), ("shift", 0),
+                              ("loss_dtype", None)):
             if getattr(self, name) != default:
                 parts.append(f"{name}={getattr(self, name)}")
         return ", ".join(parts)
