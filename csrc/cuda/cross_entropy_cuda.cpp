@@ -128,7 +128,7 @@ struct Cuda {
     Tensor row_loss = empty_on(input, {p.rows}, ScalarType::Double);
     Tensor row_zloss = empty_on(input, {p.rows}, ScalarType::Double);
     Tensor row_weight = empty_on(input, {p.rows}, ScalarType::Double);
-    out.total_weight = empty_on(input, {}, p.acc_type);
+    out.total_weight = empty_on(input, {2}, p.acc_type);
     Tensor partial;
     if (view.rows.chunks > 1) partial = empty_on(input, {p.rows * view.rows.chunks * cuda::kPartialValues}, p.acc_type);
     if (reduced) {
@@ -167,7 +167,7 @@ struct Cuda {
     const int64_t n_grad = b.opt.reduction == kNone ? p.rows : 1;
     const Tensor gl = incoming(b.grad_loss, n_grad, "grad_loss", p.logits);
     const Tensor gz = incoming(b.grad_z_loss, n_grad, "grad_z_loss", p.logits);
-    const Tensor tw = incoming(b.total_weight, 1, "total_weight", p.logits);
+    const Tensor tw = incoming(b.total_weight, 2, "total_weight", p.logits);
     Tensor lse = incoming(b.lse, p.rows, "lse", p.logits);
     if (lse.scalar_type() != ScalarType::Double) lse = torch::stable::to(lse, ScalarType::Double);
     const cudaStream_t stream = current_stream(p.logits);

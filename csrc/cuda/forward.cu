@@ -52,7 +52,7 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
     const double z_t = here ? double(tf.z(A(load1(xr + t.local)))) : 0.0;
     ce = class_row_loss(l, here, w_r, z_t, eps, double(vocabulary(v.opt, v.classes)), class_weight_sum(v), sums);
   }
-  const double zl = z_loss(v.opt.lse_square_scale, w_r, full(l));
+  const double zl = z_loss(v.opt.lse_square_scale, full(l));
   a.row_loss[r] = ce + zl;
   a.row_zloss[r] = zl;
   a.lse[r] = full(l);
@@ -101,18 +101,19 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const ForwardArgs a) {
   });
 }
 
-// Sums three per-row arrays over one block, each thread over a fixed stride, then a
+// Sums four per-row values over one block, each thread over a fixed stride, then a
 // fixed tree: the same order on every run (no atomics).
-__device__ void block_sum(double (&v)[3]) {
-  __shared__ double sh[3][kReduceThreads];
-  for (int i = 0; i < 3; ++i) sh[i][threadIdx.x] = v[i];
+constexpr int kSums = 4;
+__device__ void block_sum(double (&v)[kSums]) {
+  __shared__ double sh[kSums][kReduceThreads];
+  for (int i = 0; i < kSums; ++i) sh[i][threadIdx.x] = v[i];
   __syncthreads();
   for (int half = kReduceThreads / 2; half > 0; half /= 2) {
     if (int(threadIdx.x) < half)
-      for (int i = 0; i < 3; ++i) sh[i][threadIdx.x] += sh[i][threadIdx.x + half];
+      for (int i = 0; i < kSums; ++i) sh[i][threadIdx.x] += sh[i][threadIdx.x + half];
     __syncthreads();
   }
-  for (int i = 0; i < 3; ++i) v[i] = sh[i][0];
+  for (int i = 0; i < kSums; ++i) v[i] = sh[i][0];
 }
 
 // v rounded once to the dtype d, at p.
@@ -125,29 +126,34 @@ __device__ void store_as(Dtype d, void* p, double v) {
   }
 }
 
-// The per-row losses, z-losses and weights summed in a fixed order: the total weight and, for
-// 'mean' and 'sum', the reduced loss and z-loss (rules.h: reduce_sum).
+// The per-row losses, z-losses and weights summed in a fixed order: the mean's divisors (the
+// total weight, the non-ignored rows) and, for 'mean' and 'sum', the reduced loss and z-loss
+// (rules.h: reduce_losses).
 __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const ForwardArgs a) {
-  double sums[3] = {0.0, 0.0, 0.0};
+  double sums[kSums] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < a.v.rows; i += kReduceThreads) {
     sums[0] += a.row_loss[i];
     sums[1] += a.row_zloss[i];
     sums[2] += a.row_weight[i];
+    sums[3] += ignored_row(a.v, i) ? 0.0 : 1.0;
   }
   block_sum(sums);
   if (threadIdx.x == 0) {
-    store_as(a.v.dtype == Dtype::Float64 ? Dtype::Float64 : Dtype::Float32, a.total_weight, sums[2]);
+    const Dtype acc = a.v.dtype == Dtype::Float64 ? Dtype::Float64 : Dtype::Float32;
+    store_as(acc, a.total_weight, sums[2]);
+    store_as(acc, static_cast<char*>(a.total_weight) + (acc == Dtype::Float64 ? 8 : 4), sums[3]);
     if (a.v.opt.reduction != kNone) {
-      store_as(a.loss_dtype, a.loss_out, reduce_sum(sums[0], sums[2], a.v.opt.reduction));
-      store_as(a.loss_dtype, a.zloss_out, reduce_sum(sums[1], sums[2], a.v.opt.reduction));
+      const Reduced red = reduce_losses(sums[0], sums[1], Divisors{sums[2], sums[3]}, a.v.opt.reduction);
+      store_as(a.loss_dtype, a.loss_out, red.loss);
+      store_as(a.loss_dtype, a.zloss_out, red.z_loss);
     }
   }
 }
 
 template <class A>
 __global__ void __launch_bounds__(kReduceThreads) weight_sum_kernel(const A* w, int64_t n, double* out) {
-  double sums[3] = {0.0, 0.0, 0.0};
+  double sums[kSums] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) sums[0] += double(w[i]);
   block_sum(sums);

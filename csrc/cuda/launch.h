@@ -46,7 +46,7 @@ struct ForwardArgs {
   Dtype loss_dtype;
   void* loss_out;      // 0-d of loss_dtype (mean/sum only)
   void* zloss_out;     // 0-d of loss_dtype (mean/sum only)
-  void* total_weight;  // 0-d acc: the mean's divisor
+  void* total_weight;  // (2,) acc: the mean's divisors (rules.h: Divisors)
 };
 void launch_forward(const ForwardArgs& a, cudaStream_t stream);
 
@@ -64,7 +64,7 @@ struct BackwardArgs {
   Rows v;
   Values grad_loss;     // (rows,) when reduction is none, else (1,); absent: 1 (unit gradient)
   Values grad_zloss;    // same shape; absent: 0
-  Values total_weight;  // (1,)
+  Values total_weight;  // (2,): the mean's divisors
   const double* lse;    // (rows,)
   double* sum_wy;       // (rows,) scratch for probability targets: sum_c w_c y_c
   RowLse* huge_lse;     // (rows,) scratch: huge rows' lse recomputed from the logits (see

@@ -68,7 +68,7 @@ def _forward_fake(input, target, weight, *rest, **kwargs):
     loss_shape = rows if opt.reduction == _NONE else ()
     loss_dtype = input.dtype if loss_dtype is None else loss_dtype
     return (input.new_empty(loss_shape, dtype=loss_dtype), input.new_empty(loss_shape, dtype=loss_dtype),
-            input.new_empty(rows, dtype=torch.float64), input.new_empty((), dtype=_acc_dtype(input)),
+            input.new_empty(rows, dtype=torch.float64), input.new_empty((2,), dtype=_acc_dtype(input)),
             input.new_empty(input.shape if compute_grad else (0,)))
 
 
@@ -476,12 +476,12 @@ class _CrossEntropy(torch.autograd.Function):
     """loss, z_loss of the forward op, with the registered op's autograd formula."""
 
     @staticmethod
-    def forward(input, target, weight, options, inplace_backward, compute_grad):
-        return call(ops.cross_entropy_forward.default, input, target, weight, *options, compute_grad)
+    def forward(input, target, weight, options, inplace_backward, compute_grad, loss_dtype=None):
+        return call(ops.cross_entropy_forward.default, input, target, weight, *options, compute_grad, loss_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, options, inplace_backward, compute_grad = inputs
+        input, target, weight, options, inplace_backward, compute_grad, *_loss_dtype = inputs
         _, _, lse, total_weight, grad_input = output
         _save(ctx, input, target, weight, options, lse, total_weight, inplace_backward)
         ctx.grad_input = grad_input if compute_grad else None
@@ -494,11 +494,11 @@ class _CrossEntropy(torch.autograd.Function):
                 and not torch.is_grad_enabled():
             g = _single_value(grad_loss)
             if g == 1.0:
-                return grad_input, None, None, None, None, None
+                return grad_input, None, None, None, None, None, None
             if g is not None and _scalable_in_place(grad_input.dtype) and math.isfinite(g):
-                return grad_input.mul_(g), None, None, None, None, None
+                return grad_input.mul_(g), None, None, None, None, None, None
         del grad_input  # free it before the backward op allocates the recomputed one
-        return _backward(ctx, grad_loss, grad_z_loss) + (None, None, None, None)
+        return _backward(ctx, grad_loss, grad_z_loss) + (None, None, None, None, None)
 
 
 class _CrossEntropyForwardMode(_CrossEntropy):
@@ -565,12 +565,39 @@ def _cheap_apply(function):
 _apply_cross_entropy = _cheap_apply(_CrossEntropy)
 
 
-def cross_entropy_loss(input, target, weight, options, inplace_backward=False):
-    """(loss, z_loss) of the forward op with these LossOptions, differentiable."""
+def cross_entropy_loss(input, target, weight, options, inplace_backward=False, loss_dtype=None):
+    """(loss, z_loss) of the forward op with these LossOptions, differentiable; of loss_dtype
+    (None: the input's)."""
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     if _transforms_active():  # a transform's or a dual tensor's derivative may be needed
-        return _apply_forward_mode(input, target, weight, _Static((options, inplace_backward, False)))[:2]
+        return _apply_forward_mode(input, target, weight,
+                                   _Static((options, inplace_backward, False, loss_dtype)))[:2]
     if not needs_grad:
-        return call(ops.cross_entropy_forward.default, input, target, weight, *options)[:2]
+        return call(ops.cross_entropy_forward.default, input, target, weight, *options, False, loss_dtype)[:2]
     compute_grad = input.requires_grad and _gradient_in_forward(input, target, options, inplace_backward)
-    return _apply_cross_entropy(input, target, weight, options, inplace_backward, compute_grad)[:2]
+    return _apply_cross_entropy(input, target, weight, options, inplace_backward, compute_grad, loss_dtype)[:2]
+
+
+# ---- autocast --------------------------------------------------------------------------------
+# Under torch.autocast, torch's cross_entropy runs in float32 (log_softmax and nll_loss are on
+# autocast's float32 list) and returns a float32 loss. The loss op does the same without a
+# float32 copy of 16-bit logits: its kernels accumulate in float32 already, so autocast only
+# asks it for float32 results (loss_dtype). The gradient stays in the logits' dtype, as the
+# gradient of torch's cast is. float64 logits are not cast by autocast, nor here.
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _autocast_kernel(device_type):
+    def forward(input, target, weight, *rest, **kwargs):
+        options, (compute_grad, loss_dtype) = _options_and(rest, kwargs, ("compute_grad", False),
+                                                           ("loss_dtype", None))
+        if loss_dtype is None and input.dtype in _LOW_PRECISION:
+            loss_dtype = torch.float32
+        with torch.autocast(device_type, enabled=False):
+            return ops.cross_entropy_forward.default(input, target, weight, *options, compute_grad, loss_dtype)
+    return forward
+
+
+for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    torch.library.impl("fastce::cross_entropy_forward", _key)(_autocast_kernel(_device_type))

@@ -55,14 +55,16 @@ def _chunk_rows(rows, row_classes, dtype, device, chunk_size):
 
 
 def _total_weight(target, weight, classes, ignore_index, prob, acc):
-    """The divisor of 'mean' (as the loss kernel defines it), from tensor ops: no host sync."""
+    """The divisors of 'mean' as the loss kernel's total_weight output holds them (rules.h:
+    Divisors: the total weight, the non-ignored rows), from tensor ops: no host sync."""
     if prob:
-        return target.new_full((), target.numel() // classes, dtype=acc)  # no host-to-device copy
+        return target.new_full((2,), target.numel() // classes, dtype=acc)  # no host-to-device copy
     valid = target != ignore_index
+    counted = valid.sum(dtype=acc)
     if weight is None:
-        return valid.sum(dtype=acc)
+        return torch.stack([counted, counted])
     w_t = weight.to(acc)[target.long().clamp(0, classes - 1)]  # the kernel rejects bad targets
-    return torch.where(valid, w_t, 0).sum(dtype=acc)
+    return torch.stack([torch.where(valid, w_t, 0).sum(dtype=acc), counted])
 
 
 # Classes per block of the low-precision weight gradient's matmul (see _accumulate_weight_grad):
@@ -85,14 +87,21 @@ def _accumulate_weight_grad(gw, grad, x):
         gw[block] += torch.mm(grad_t[block], x)
 
 
-def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, want_w, want_b):
+def _mean(sum_loss, sum_z, divisors):
+    """'mean' of the summed losses (z-loss included) and z-losses: rules.h's reduce_losses (the
+    cross-entropy over the total weight, the z-loss over the non-ignored rows)."""
+    return (sum_loss - sum_z) / divisors[0] + sum_z / divisors[1]
+
+
+def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, want_w, want_b, loss_dtype=None):
     """One pass over the row chunks (on real tensors, inside the custom ops).
 
     x (N, H); w (V, *d, H); b (V, *d) or None; target (N, *d) class indices or (N, V, *d)
     probabilities. Without ``lse`` it runs the loss kernel (returning the loss and the rows'
     lse); with ``grad_loss`` (a scalar for 'mean'/'sum', per row for 'none') it also
     accumulates the requested gradients. Returns loss, lse, grad_x, grad_w, grad_b (None
-    when not computed; grad_w and grad_b in float32 for low-precision weights).
+    when not computed; grad_w and grad_b in float32 for low-precision weights). The loss is of
+    loss_dtype (None: x's).
     """
     rows, hidden = x.shape
     classes, spatial = w.shape[0], tuple(w.shape[1:-1])
@@ -115,7 +124,9 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
     call(ops.cross_entropy_forward.default, buf[:0].view(0, classes, *spatial), target[:0], weight, *opts)
     total_weight = _total_weight(target, weight, classes, opts.ignore_index, prob, acc)
     if forward:
-        loss = x.new_empty((rows, *spatial)) if reduction == _NONE else x.new_zeros((), dtype=acc)
+        loss_dtype = x.dtype if loss_dtype is None else loss_dtype
+        loss = x.new_empty((rows, *spatial), dtype=loss_dtype) if reduction == _NONE else x.new_zeros((), dtype=acc)
+        z_sum = x.new_zeros((), dtype=acc)
         lse = x.new_empty((rows, *spatial), dtype=torch.float64)  # as the kernel saves it
     gx = gw = gb = None
     if grads:
@@ -140,12 +151,14 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
         logits = logits2d.view(end - start, classes, *spatial)
         if forward:
             # 'mean' is summed here and divided by the global total weight at the end.
-            loss_c, _, lse_c = call(ops.cross_entropy_forward.default, logits, t_c, weight, *sum_opts)[:3]
+            loss_c, z_c, lse_c = call(ops.cross_entropy_forward.default, logits, t_c, weight, *sum_opts,
+                                      loss_dtype=loss.dtype)[:3]
             lse[start:end] = lse_c
             if reduction == _NONE:
                 loss[start:end] = loss_c
             else:
                 loss += loss_c
+                z_sum += z_c
         if not grads:
             continue
         g_c = grad_loss[start:end] if reduction == _NONE else grad_loss
@@ -165,8 +178,8 @@ def _loop(x, w, b, target, weight, opts, chunk_size, lse, grad_loss, want_x, wan
 
     if forward and reduction != _NONE:
         if reduction == _MEAN:
-            loss = loss / total_weight
-        loss = loss.to(x.dtype)
+            loss = _mean(loss, z_sum, total_weight)
+        loss = loss.to(loss_dtype)
     return (loss if forward else None), lse, gx, gw, gb
 
 
@@ -188,6 +201,12 @@ def _read_call(rest, kwargs):
     return options, chunk_size, flags
 
 
+def _loss_dtype_of(rest, kwargs):
+    """The forward op's loss_dtype (its last argument)."""
+    n = len(LossOptions._fields) + 4  # the options, chunk_size and the three flags
+    return kwargs.get("loss_dtype", rest[n] if len(rest) > n else None)
+
+
 @torch.library.impl("fastce::linear_cross_entropy_forward", "CompositeExplicitAutograd")
 def _forward_impl(input, linear_weight, linear_bias, target, weight, *rest, **kwargs):
     """loss, the rows' lse (kept for 'none', else empty), and for 'mean'/'sum' the requested
@@ -196,7 +215,8 @@ def _forward_impl(input, linear_weight, linear_bias, target, weight, *rest, **kw
     options, chunk_size, flags = _read_call(rest, kwargs)
     precompute = options.reduction != _NONE and any(flags)
     loss, lse, *grads = _loop(input, linear_weight, linear_bias, target, weight, options, chunk_size,
-                              None, input.new_ones(()) if precompute else None, *flags)
+                              None, input.new_ones(()) if precompute else None, *flags,
+                              loss_dtype=_loss_dtype_of(rest, kwargs))
     if options.reduction != _NONE:
         lse = lse.new_empty(0)
     return loss, lse, *_grads_or_empty(input, linear_weight, grads, _acc_dtype(input.dtype))
@@ -225,7 +245,7 @@ def _forward_fake(input, linear_weight, linear_bias, target, weight, *rest, **kw
     options, _, flags = _read_call(rest, kwargs)
     reduced = options.reduction != _NONE
     rows_shape = (input.shape[0], *linear_weight.shape[1:-1])
-    loss = input.new_empty(() if reduced else rows_shape)
+    loss = input.new_empty(() if reduced else rows_shape, dtype=_loss_dtype_of(rest, kwargs) or input.dtype)
     lse = input.new_empty((0,) if reduced else rows_shape, dtype=torch.float64)
     computed = [flag and reduced for flag in flags]
     return loss, lse, *_fake_grads(input, linear_weight, computed, _acc_dtype(input.dtype))
@@ -263,7 +283,7 @@ def _scale(grad, grad_loss, dtype):
     return (grad * grad_loss).to(dtype)
 
 
-def _composite_loss(x, linear_weight, linear_bias, target, weight, options):
+def _composite_loss(x, linear_weight, linear_bias, target, weight, options, loss_dtype=None):
     """The loss of (rows, H) input through fastce.cross_entropy on materialized logits: the
     form torch.func transforms, forward-mode AD and double backward differentiate (the
     fused ops' gradients are computed by their loops, outside autograd). Memory: the logits."""
@@ -272,7 +292,7 @@ def _composite_loss(x, linear_weight, linear_bias, target, weight, options):
                                         None if linear_bias is None else linear_bias.reshape(-1))
     if spatial:
         logits = logits.view(x.shape[0], classes, *spatial)
-    return cross_entropy_loss(logits, target, weight, options)[0]
+    return cross_entropy_loss(logits, target, weight, options, loss_dtype=loss_dtype)[0]
 
 
 def _differentiable_backward(ctx, grad_loss, wanted):
@@ -369,6 +389,8 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     lse_square_scale: float = 0.0,
     chunk_size: Optional[int] = None,
+    shift: int = 0,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without
     materializing the logits; the same arguments and results as torch 2.13's
@@ -380,6 +402,12 @@ def linear_cross_entropy(
       K-dimensional loss over ``(N, H)`` input, with target ``(N, d_1, ..., d_K)``.
     - ``logit_scale``, ``softcap``, ``lse_square_scale``: as in :func:`fastce.cross_entropy`.
     - ``chunk_size``: rows per chunk; by default chosen from the shapes and the device.
+    - ``shift``: Cut Cross-Entropy's: ``shift=k`` pairs ``input[..., :-k, :]`` with
+      ``target[..., k:]`` (next-token prediction from unshifted hidden states and labels),
+      without copying ``input``; the loss for ``reduction='none'`` has ``k`` fewer positions
+      in the last batch dimension. Class-index targets only.
+    - ``loss_dtype``: the loss's dtype (default: the input's); ``torch.float32`` keeps a
+      16-bit input's loss in float32.
     - ``options``: torch's ``LinearCrossEntropyOptions``, accepted so that calls written for
       torch work; only its ``batch_chunk_size`` is used (as ``chunk_size``). fastce always
       chunks and accumulates low-precision gradients in float32.
@@ -388,6 +416,8 @@ def linear_cross_entropy(
     computes the gradients during the forward pass when they are needed, so backward is
     cheap; ``'none'`` recomputes the logits in backward.
     """
+    if shift:
+        input, target, unshift = _shifted(input, target, shift, ignore_index, linear_weight)
     batch, classes, spatial = _check_shapes(input, linear_weight, target, linear_bias)
     reduction_enum = _reduction_enum(reduction)
     if chunk_size is not None and chunk_size < 1:
@@ -411,12 +441,12 @@ def linear_cross_entropy(
         options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
                               None if softcap is None else float(softcap), float(lse_square_scale))
         if _transforms_active():  # torch.func / forward-mode AD: the logits materialized
-            loss = _composite_loss(x, linear_weight, linear_bias, t, weight, options)
+            loss = _composite_loss(x, linear_weight, linear_bias, t, weight, options, loss_dtype)
         else:
             loss = ops.linear_cross_entropy_forward.default(
                 x, linear_weight, linear_bias, t, weight, *options, chunk_size, grad and input.requires_grad,
                 grad and linear_weight.requires_grad,
-                grad and linear_bias is not None and linear_bias.requires_grad)[0]
+                grad and linear_bias is not None and linear_bias.requires_grad, loss_dtype)[0]
     except _ARGUMENT_ERRORS as error:
         if spatial:
             raise
@@ -425,7 +455,28 @@ def linear_cross_entropy(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing))
     if reduction_enum == _NONE:
         loss = loss.reshape((*batch, *spatial))
+        if shift:
+            loss = unshift(loss)
     return loss
+
+
+def _shifted(input, target, shift, ignore_index, linear_weight):
+    """Cut Cross-Entropy's shift without a copy of input: position p's hidden state is paired
+    with the target of position p + shift, and the last `shift` positions (which have none)
+    with ignore_index, so they add nothing to the loss, its 'mean' divisor or the gradients.
+    Returns the input, the re-indexed target (O(positions)) and the map from the per-position
+    loss to the shifted one (a view)."""
+    if not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"shift must be a non-negative int, got {shift!r}")
+    if target.is_floating_point() or input.dim() < 2 or linear_weight.dim() != 2:
+        raise ValueError("shift takes class-index targets of shape (..., T) for input (..., T, H)")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"shift: target shape {tuple(target.shape)} must be input's {tuple(input.shape[:-1])} "
+                         "without its last dimension")
+    ignore = -100 if ignore_index is None else ignore_index
+    shifted = torch.full_like(target, ignore)
+    shifted[..., :max(target.shape[-1] - shift, 0)] = target[..., shift:]
+    return input, shifted, lambda loss: loss[..., :max(loss.shape[-1] - shift, 0)]
 
 
 class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)):
@@ -456,6 +507,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
         softcap: Optional[float] = None,
         lse_square_scale: float = 0.0,
         chunk_size: Optional[int] = None,
+        shift: int = 0,
+        loss_dtype: Optional[torch.dtype] = None,
     ) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(
@@ -479,6 +532,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
         self.softcap = softcap
         self.lse_square_scale = lse_square_scale
         self.chunk_size = chunk_size
+        self.shift = shift
+        self.loss_dtype = loss_dtype
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)
@@ -489,7 +544,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, options=self.options,
             logit_scale=self.logit_scale, softcap=self.softcap,
-            lse_square_scale=self.lse_square_scale, chunk_size=self.chunk_size)
+            lse_square_scale=self.lse_square_scale, chunk_size=self.chunk_size, shift=self.shift,
+            loss_dtype=self.loss_dtype)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
@@ -497,7 +553,8 @@ class LinearCrossEntropyLoss(getattr(torch.nn, "LinearCrossEntropyLoss", torch.n
                  f"reduction={self.reduction}", f"ignore_index={self.ignore_index}",
                  f"label_smoothing={self.label_smoothing}"]
         for name, default in (("options", None), ("logit_scale", 1.0), ("softcap", None),
-                              ("lse_square_scale", 0.0), ("chunk_size", None)):
+                              ("lse_square_scale", 0.0), ("chunk_size", None), ("shift", 0),
+                              ("loss_dtype", None)):
             if getattr(self, name) != default:
                 parts.append(f"{name}={getattr(self, name)}")
         return ", ".join(parts)

@@ -94,7 +94,7 @@ class Kernels:
         loss_dtype = loss_dtype or self.x.dtype
         lse, row_loss, row_zloss, row_weight = (torch.empty(rows, dtype=torch.float64) for _ in range(4))
         loss, zloss = torch.empty((), dtype=loss_dtype), torch.empty((), dtype=loss_dtype)
-        tw = torch.empty((), dtype=acc_dtype(self.x))
+        tw = torch.empty(2, dtype=acc_dtype(self.x))
         chunks = self.lib.emu_forward(ctypes.byref(self.problem), ctypes.byref(self.options), self.sm,
                                       DT[loss_dtype], *map(ptr, (lse, row_loss, row_zloss, row_weight, loss, zloss,
                                                                  tw)))
@@ -135,7 +135,8 @@ def test_options_layout_matches_the_ops():
 
 OPTIONS = [  # prob, weight, label_smoothing, softcap, lse_square_scale, reduction
     (False, False, 0.0, 0.0, 0.0, 1), (False, True, 0.1, 0.0, 0.01, 0), (False, True, 0.0, 5.0, 0.0, 2),
-    (True, False, 0.0, 0.0, 0.0, 1), (True, True, 0.2, 3.0, 0.01, 0)]
+    (True, False, 0.0, 0.0, 0.0, 1), (True, True, 0.2, 3.0, 0.01, 0),
+    (False, True, 0.1, 0.0, 0.05, 1)]  # the z-loss's mean over the rows, the cross-entropy's over the weights
 SHAPES = [(5, 37, 132), (3, 3001, 1), (2, 9000, 1), (1, 1, 132)]  # rows, classes, SMs (1: split rows)
 
 
@@ -177,6 +178,7 @@ CPU_CASES = [  # options of the ops, and whether the target holds probabilities 
     dict(reduction=0, label_smoothing=0.2, prob=True, weight=True),
     dict(reduction=0, label_smoothing=0.1, class_offset=20, vocab_size=90),  # a vocabulary slice
     dict(reduction=1, softcap=6.0, lse_square_scale=1e-3, class_offset=0, vocab_size=41),
+    dict(reduction=1, lse_square_scale=5e-2, weight=True, ignore_index=3),  # two divisors
 ]
 
 
@@ -258,7 +260,7 @@ def test_slice_targets_elsewhere_and_out_of_range(lib):
     x = torch.randn(4, 10)
     k = Kernels(lib, x, torch.tensor([0, 35, -100, 5]), class_offset=10, vocab_size=40)
     chunks, loss, _, lse, tw = k.forward()
-    assert chunks == 1 and tw.item() == 3  # a target elsewhere counts as a row of weight 1
+    assert chunks == 1 and tw.tolist() == [3, 3]  # a target elsewhere counts as a row of weight 1, and as a row
     for bad in (40, -1):
         k = Kernels(lib, x, torch.tensor([0, bad, 1, 2]), class_offset=10, vocab_size=40)
         assert k.forward()[0] == -1
