@@ -79,12 +79,15 @@ def _setup_context(ctx, inputs, output):
     _, entropy, lse = output
     ctx.save_for_backward(logits, index, lse, entropy)
     ctx.options = options
+    ctx.entropy_computed = _arg(rest[len(TokenOptions._fields):], {}, 0, "compute_entropy", False)
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # None for an unused output: no zero tensors
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     nothing = (None,) * (len(ctx.needs_input_grad) - 1)
+    if not ctx.entropy_computed:  # (an empty output: a traced graph may still pass it a gradient)
+        grad_entropy = None
     if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
         return (None, *nothing)
     logits, index, lse, entropy = ctx.saved_tensors
@@ -253,6 +256,7 @@ def _linear_setup_context(ctx, inputs, output):
     _, ent, lse = output
     ctx.options = options
     ctx.chunk_size = _arg(trailing, {}, 1, "chunk_size", None)
+    ctx.entropy_computed = _arg(trailing, {}, 0, "compute_entropy", True)
     ctx.save_for_backward(input, linear_weight, linear_bias, index, lse, ent)
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
@@ -261,6 +265,8 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     input, linear_weight, linear_bias, index, lse, ent = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
+    if not ctx.entropy_computed:
+        grad_entropy = None
     rest = (None,) * (len(ctx.needs_input_grad) - 3)
     if not any(want) or (grad_logprobs is None and grad_entropy is None):
         return (None, None, None, *rest)
