@@ -428,3 +428,100 @@ def test_compile_fullgraph_dynamic():
             torch.testing.assert_close(a, b)
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+# ---- token accuracy, predicted tokens, token scaling on the losses ---------------------------
+
+def ref_accuracy(logits, target, ignore_index, reduction, class_dim=1):
+    valid = target != ignore_index
+    pred = torch.where(valid, logits.argmax(class_dim), -1)
+    correct = ((pred == target) & valid).float()
+    return (correct if reduction == "none" else correct.sum() / valid.sum()), pred
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(12, 9), (3, 9, 4)])
+def test_token_accuracy_and_predicted_tokens(reduction, shape):
+    x = torch.randn(shape)
+    x[0, :] = 1.0  # a tie everywhere: argmax is the lowest index
+    if len(shape) == 2:
+        x[4, 3] = x[4, 5] = 10.0
+    target = torch.randint(0, 9, (shape[0], *shape[2:]))
+    target.view(-1)[1] = -100
+    target.view(-1)[2] = x.movedim(1, -1).reshape(-1, 9)[2].argmax()  # at least one right
+    out = fastce.cross_entropy(x, target, reduction=reduction, return_token_accuracy=True,
+                               return_predicted_tokens=True)
+    assert isinstance(out, fastce.token.CrossEntropyOutput) and out.z_loss is None
+    acc, pred = ref_accuracy(x, target, -100, reduction)
+    torch.testing.assert_close(out.token_accuracy, acc)
+    assert torch.equal(out.predicted_tokens, pred)
+    assert out.predicted_tokens.view(-1)[0] == 0 or len(shape) != 2
+    if len(shape) == 2:
+        assert out.predicted_tokens[4] == 3
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(x, target, reduction=reduction))
+    loss, acc_only = fastce.cross_entropy(x, target, reduction=reduction, return_token_accuracy=True)[::2]
+    torch.testing.assert_close(acc_only, acc)
+
+
+def test_return_z_loss_alone_keeps_its_pair():
+    x, t = torch.randn(4, 7), torch.randint(0, 7, (4,))
+    result = fastce.cross_entropy(x, t, lse_square_scale=1e-3, return_z_loss=True)
+    assert type(result) is tuple and len(result) == 2
+    loss, z_loss = result
+    out = fastce.cross_entropy(x, t, lse_square_scale=1e-3, return_z_loss=True, return_token_accuracy=True)
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.z_loss, z_loss)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_token_scaling(reduction, dtype, weighted):
+    x = (torch.randn(10, 13, dtype=torch.float64) * 2).to(dtype).requires_grad_()
+    t = torch.randint(0, 13, (10,))
+    t[3] = -100
+    w = torch.rand(13, dtype=dtype) if weighted else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+    out = fastce.cross_entropy(x, t, use_token_scaling=True, softcap=5.0, **kw)
+    assert out.token_accuracy is None and out.predicted_tokens is None
+    # reference: each token's loss times its detached p(target), reduced as the loss
+    xd = x.detach().double().requires_grad_()
+    z = 5.0 * torch.tanh(xd / 5.0)
+    rows = torch.nn.functional.cross_entropy(z, t, weight=None if w is None else w.double(), reduction="none",
+                                             label_smoothing=0.1)
+    p = torch.softmax(z.detach(), 1).gather(1, t.clamp(min=0)[:, None])[:, 0] * (t != -100)
+    scaled = rows * p
+    wt = (t != -100).double() if w is None else torch.where(t != -100, w.double()[t.clamp(min=0)], 0)
+    want = {"none": scaled, "sum": scaled.sum(), "mean": scaled.sum() / wt.sum()}[reduction]
+    t_ = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-3) \
+        if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), want, **t_)
+    g = torch.rand_like(out.loss)
+    got, = torch.autograd.grad(out.loss, x, g)
+    ref, = torch.autograd.grad(want, xd, g.double())
+    torch.testing.assert_close(got.double(), ref, **(t_ if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-6)))
+
+
+def test_per_token_outputs_take_class_indices():
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="class-index targets"):
+        fastce.cross_entropy(x, torch.softmax(x, 1), return_token_accuracy=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_per_token_outputs(reduction):
+    h = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(37, 16, requires_grad=True)
+    t = torch.randint(0, 37, (2, 9))
+    t[0, 0] = -100
+    out = fastce.linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=5, return_token_accuracy=True,
+                                      return_predicted_tokens=True, use_token_scaling=True, softcap=10.0)
+    ref = fastce.cross_entropy((h @ w.t()).transpose(1, 2), t, reduction=reduction, return_token_accuracy=True,
+                               return_predicted_tokens=True, use_token_scaling=True, softcap=10.0)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.token_accuracy, ref.token_accuracy)
+    assert torch.equal(out.predicted_tokens, ref.predicted_tokens)
+    g1 = torch.autograd.grad(out.loss.sum(), (h, w))
+    g2 = torch.autograd.grad(ref.loss.sum(), (h, w))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -65,6 +65,9 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
     inplace_backward: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+    use_token_scaling: bool = False,
 ):
     """Cross-entropy between logits and targets; a drop-in for
     ``torch.nn.functional.cross_entropy`` (same arguments, results, gradients and errors).
@@ -78,6 +81,15 @@ def cross_entropy(
     - ``return_z_loss``: also return the z-loss part alone, reduced the same way.
     - ``inplace_backward``: backward writes the gradient into ``input``'s storage instead of a
       new buffer. ``input`` must not be a leaf, and must not be used after the backward pass.
+    - ``return_token_accuracy``: also the fraction of non-ignored tokens whose argmax is the
+      target (per token, 0 at ignored positions, for ``reduction='none'``).
+    - ``return_predicted_tokens``: also the argmax of each position (lowest index on ties, as
+      ``torch.argmax``; -1 at ignored positions).
+    - ``use_token_scaling``: each token's loss is multiplied by the (detached) predicted
+      probability of its target.
+
+    With any of the last three, the result is a :class:`fastce.token.CrossEntropyOutput`
+    ``(loss, z_loss, token_accuracy, predicted_tokens)`` (None for what is not requested).
     """
     _check_argument_types(input, target, weight, ignore_index, label_smoothing)
     if size_average is not None or reduce is not None:
@@ -97,6 +109,10 @@ def cross_entropy(
     options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
                           None if softcap is None else float(softcap), float(lse_square_scale))
     try:
+        if return_token_accuracy or return_predicted_tokens or use_token_scaling:
+            from .token import cross_entropy_token_outputs
+            return cross_entropy_token_outputs(input, target, weight, options, bool(inplace_backward), return_z_loss,
+                                               return_token_accuracy, return_predicted_tokens, use_token_scaling)
         loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward))
     except _ARGUMENT_ERRORS as error:
         raise_as_torch(error, lambda: torch.nn.functional.cross_entropy(

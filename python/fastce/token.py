@@ -337,3 +337,137 @@ def linear_token_logprobs(
     if not return_entropy:
         return logprobs
     return logprobs, ent.reshape(batch)
+
+
+# ---- token accuracy, predicted tokens and token scaling on the losses --------------------------
+
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`fastce.cross_entropy` and :func:`fastce.linear_cross_entropy` return when an
+    extra per-token output is requested (fields not requested are None)."""
+    loss: Tensor
+    z_loss: Optional[Tensor] = None
+    token_accuracy: Optional[Tensor] = None
+    predicted_tokens: Optional[Tensor] = None
+
+
+def _check_class_targets(target, what):
+    if target.is_floating_point():
+        raise ValueError(f"{what}: return_token_accuracy, return_predicted_tokens and use_token_scaling take "
+                         "class-index targets, not probabilities")
+
+
+def _accuracy(predicted, target, ignore_index, reduction):
+    """Predicted tokens (-1 at ignored positions) and the token accuracy: per token (0 at ignored
+    ones) for reduction 'none', else the fraction of non-ignored tokens predicted right (NaN when
+    there is none, as a 'mean' loss)."""
+    valid = target != ignore_index
+    predicted = torch.where(valid, predicted, -1)
+    correct = (predicted == target) & valid
+    if reduction == _NONE:
+        return correct.to(torch.float32), predicted
+    return correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32), predicted
+
+
+def _argmax_of_logits(logits, dim, logit_scale):
+    # The transforms are monotonic (softcap and temperature increasing, logit_scale by its sign):
+    # the logits' argmax (lowest index on ties, as torch.argmax) is that of z.
+    if logit_scale < 0:
+        return logits.argmin(dim)
+    return logits.argmax(dim)
+
+
+def _scaled_reduction(loss_rows, z_rows, p_target, total_weight, reduction, dtype):
+    """Token scaling: each token's loss (and z-loss) times the detached probability of its target,
+    then reduced as the loss ('mean' divides by the same total weight)."""
+    scale = p_target.detach()
+    loss_rows = (loss_rows * scale).to(dtype)
+    z_rows = (z_rows * scale).to(dtype)
+    if reduction == _NONE:
+        return loss_rows, z_rows
+    acc = _acc_dtype(dtype)
+    loss, z = loss_rows.sum(dtype=acc), z_rows.sum(dtype=acc)
+    if reduction == _MEAN:
+        loss, z = loss / total_weight, z / total_weight
+    return loss.to(dtype), z.to(dtype)
+
+
+_NONE, _MEAN = 0, 1
+
+
+def cross_entropy_token_outputs(input, target, weight, options, inplace_backward, return_z_loss,
+                                return_token_accuracy, return_predicted_tokens, use_token_scaling):
+    """fastce.cross_entropy with extra per-token outputs (see its docstring)."""
+    from ._ops import cross_entropy_loss
+    from .linear import _total_weight
+    _check_class_targets(target, "cross_entropy")
+    class_dim = 1 if input.dim() >= 2 else 0
+    if use_token_scaling:
+        loss_rows, z_rows = cross_entropy_loss(input, target, weight, options._replace(reduction=_NONE),
+                                               inplace_backward)
+        safe = torch.where(target == options.ignore_index, 0, target)
+        with torch.no_grad():
+            logp = ops.token_logprobs_forward.default(input.detach().movedim(class_dim, -1), safe, 1.0,
+                                                      options.logit_scale, options.softcap, False)[0]
+            p_target = torch.where(target == options.ignore_index, 0.0, logp.exp())
+            total = _total_weight(target, weight, input.shape[class_dim], options.ignore_index, False,
+                                  _acc_dtype(input.dtype))
+        loss, z_loss = _scaled_reduction(loss_rows, z_rows, p_target, total, options.reduction, loss_rows.dtype)
+    else:
+        loss, z_loss = cross_entropy_loss(input, target, weight, options, inplace_backward)
+    accuracy = predicted = None
+    if return_token_accuracy or return_predicted_tokens:
+        with torch.no_grad():
+            argmax = _argmax_of_logits(input.detach(), class_dim, options.logit_scale)
+            accuracy, predicted = _accuracy(argmax, target, options.ignore_index, options.reduction)
+    return CrossEntropyOutput(loss, z_loss if return_z_loss else None,
+                              accuracy if return_token_accuracy else None,
+                              predicted if return_predicted_tokens else None)
+
+
+def _linear_argmax(x, w, b, logit_scale, chunk_size):
+    """The argmax of each row of x @ w.T + b, chunk by chunk (the logits never whole)."""
+    rows, classes = x.shape[0], w.shape[0]
+    out = torch.empty(rows, dtype=torch.long, device=x.device)
+    chunk = _chunk_rows(rows, classes, x.dtype, x.device, chunk_size)
+    buf = x.new_empty((min(chunk, rows), classes))
+    for start in range(0, rows, chunk):
+        end = min(start + chunk, rows)
+        out[start:end] = _argmax_of_logits(_chunk_logits(x, w, b, buf, start, end), 1, logit_scale)
+    return out
+
+
+def linear_cross_entropy_token_outputs(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                       return_token_accuracy, return_predicted_tokens, use_token_scaling, **options):
+    """fastce.linear_cross_entropy with extra per-token outputs (see its docstring). The argmax and
+    the targets' probabilities take passes of their own over the chunks' logits."""
+    from .functional import _reduction_enum
+    from .linear import _total_weight, linear_cross_entropy
+    _check_class_targets(target, "linear_cross_entropy")
+    if linear_weight.dim() != 2:
+        raise NotImplementedError("linear_cross_entropy: per-token outputs need a (V, H) linear_weight")
+    ignore_index = -100 if ignore_index is None else ignore_index
+    red = _reduction_enum(reduction)
+    kw = dict(linear_bias=linear_bias, weight=weight, ignore_index=ignore_index, **options)
+    x = input.reshape(-1, input.shape[-1]).detach()
+    b = None if linear_bias is None else linear_bias.detach()
+    t = target.reshape(-1)
+    if use_token_scaling:
+        loss_rows = linear_cross_entropy(input, linear_weight, target, reduction="none", **kw)
+        safe = torch.where(t == ignore_index, 0, t)
+        with torch.no_grad():
+            logp = linear_token_logprobs(x, linear_weight.detach(), safe, linear_bias=b,
+                                         logit_scale=options.get("logit_scale", 1.0), softcap=options.get("softcap"),
+                                         return_entropy=False, chunk_size=options.get("chunk_size"))
+            p_target = torch.where(t == ignore_index, 0.0, logp.exp()).reshape(target.shape)
+            total = _total_weight(t, weight, linear_weight.shape[0], ignore_index, False, _acc_dtype(input.dtype))
+        loss, _ = _scaled_reduction(loss_rows, torch.zeros_like(loss_rows), p_target, total, red, loss_rows.dtype)
+    else:
+        loss = linear_cross_entropy(input, linear_weight, target, reduction=reduction, **kw)
+    accuracy = predicted = None
+    if return_token_accuracy or return_predicted_tokens:
+        with torch.no_grad():
+            argmax = _linear_argmax(x, linear_weight.detach(), b, options.get("logit_scale", 1.0),
+                                    options.get("chunk_size")).reshape(target.shape)
+            accuracy, predicted = _accuracy(argmax, target, ignore_index, red)
+    return CrossEntropyOutput(loss, None, accuracy if return_token_accuracy else None,
+                              predicted if return_predicted_tokens else None)
