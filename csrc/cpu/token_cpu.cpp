@@ -7,26 +7,13 @@
 #include <vector>
 
 #include "../problem.h"
+#include "../token_problem.h"
 #include "driver.h"
 #include "grad_buffer.h"
 #include "token_kernels.h"
 
 namespace fastce {
 namespace {
-
-TokenOptions read_token_options(Args& a) {
-  TokenOptions o;
-  o.temperature = a.real();
-  o.logit_scale = a.real();
-  const std::optional<double> softcap = a.optional_real();
-  FASTCE_CHECK_VALUE(std::isfinite(o.temperature) && o.temperature > 0.0,
-                     "temperature must be a positive finite number, got ", o.temperature);
-  FASTCE_CHECK_VALUE(std::isfinite(o.logit_scale), "logit_scale must be finite, got ", o.logit_scale);
-  FASTCE_CHECK_VALUE(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)),
-                     "softcap must be a positive finite number or None, got ", softcap.value_or(0.0));
-  o.softcap = softcap.value_or(0.0);
-  return o;
-}
 
 // The element offsets of every position of a tensor's first `dims` dimensions, in row-major
 // order: rows of any strides (slices, transposes, expanded views) are read where they are.
@@ -80,28 +67,15 @@ std::vector<int64_t> read_index(const Tensor& index) {
 
 TokenProblem prepare_tokens(const Tensor& logits, const Tensor& index) {
   TokenProblem p;
-  FASTCE_CHECK(logits.device() == index.device(),
-               "Expected all tensors to be on the same device, but found at least two devices, ",
-               device_name(logits), " and ", device_name(index), "!");
-  p.dtype = logits.scalar_type();
-  FASTCE_CHECK_NOT_IMPLEMENTED(is_floating(p.dtype), "\"token_logprobs\" not implemented for '", p.dtype, "'");
-  FASTCE_CHECK(logits.dim() >= 1, "token_logprobs: logits must have a class dimension, got a 0-d tensor");
-  const ScalarType it = index.scalar_type();
-  FASTCE_CHECK(it == ScalarType::Long || it == ScalarType::Int,
-               "token_logprobs: expected index of dtype int64 or int32, got ", it);
+  const TokenShape s = check_token_args(logits, index);
+  p.dtype = s.dtype;
+  p.acc_type = s.acc_type;
+  p.row_shape = s.row_shape;
+  p.index_shape = s.index_shape;
+  p.rows = s.rows;
+  p.classes = s.classes;
+  p.K = s.K;
   const int64_t lead = logits.dim() - 1;
-  const IntArrayRef ls = logits.sizes(), is = index.sizes();
-  p.row_shape.assign(ls.begin(), ls.end() - 1);
-  p.index_shape.assign(is.begin(), is.end());
-  const bool one = index.dim() == lead && std::vector<int64_t>(is.begin(), is.end()) == p.row_shape;
-  const bool several = index.dim() == lead + 1 && std::vector<int64_t>(is.begin(), is.end() - 1) == p.row_shape;
-  FASTCE_CHECK(one || several, "token_logprobs: index of shape ", is, " does not match logits of shape ", ls,
-               ": expected ", p.row_shape, " or ", p.row_shape, " + [K]");
-  p.K = one ? 1 : index.size(lead);
-  p.classes = logits.size(lead);
-  p.rows = 1;
-  for (int64_t s : p.row_shape) p.rows *= s;
-  p.acc_type = accumulation_type(p.dtype);
   p.logits = logits.stride(lead) == 1 || p.classes <= 1 ? logits : torch::stable::contiguous(logits);
   p.row_offset = offsets(p.logits, lead);
   p.index = read_index(index);
