@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._errors import retyped
-from ._ops import _tracing, call, ops
+from ._ops import call, ops
 from .linear import _acc_dtype, _chunk_rows, _grads_or_empty
 
 
@@ -149,11 +149,6 @@ def entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
 
 # ---- the fused LM head -----------------------------------------------------------------------
 
-def _linear_read(rest, kwargs):
-    options, trailing, kwargs = _options(rest, kwargs)
-    return options, trailing, kwargs
-
-
 def _chunk_logits(x, w, b, buf, start, end):
     logits = buf[: end - start]
     if b is None:
@@ -166,7 +161,7 @@ def _chunk_logits(x, w, b, buf, start, end):
 @torch.library.impl("fastce::linear_token_logprobs_forward", "CompositeExplicitAutograd")
 def _linear_forward_impl(input, linear_weight, linear_bias, index, *rest, **kwargs):
     """Each chunk's logits into one reused buffer, then the token op on them."""
-    options, trailing, kwargs = _linear_read(rest, kwargs)
+    options, trailing, kwargs = _options(rest, kwargs)
     compute_entropy = _arg(trailing, kwargs, 0, "compute_entropy", True)
     chunk_size = _arg(trailing, kwargs, 1, "chunk_size", None)
     rows, classes = input.shape[0], linear_weight.shape[0]
@@ -196,7 +191,7 @@ def _linear_backward_impl(grad_logprobs, grad_entropy, input, linear_weight, lin
     """Recomputes each chunk's logits, takes their gradient from the token op, and turns it into
     the chunk's share of the requested gradients (the weight's and bias' accumulated in float32
     for low-precision parameters)."""
-    options, trailing, kwargs = _linear_read(rest, kwargs)
+    options, trailing, kwargs = _options(rest, kwargs)
     chunk_size = _arg(trailing, kwargs, 0, "chunk_size", None)
     want_x, want_w, want_b = (_arg(trailing, kwargs, 1 + i, name, False) for i, name in
                               enumerate(("grad_input", "grad_linear_weight", "grad_linear_bias")))
@@ -228,7 +223,7 @@ def _linear_backward_impl(grad_logprobs, grad_entropy, input, linear_weight, lin
 
 @torch.library.register_fake("fastce::linear_token_logprobs_forward")
 def _linear_forward_fake(input, linear_weight, linear_bias, index, *rest, **kwargs):
-    _, trailing, kwargs = _linear_read(rest, kwargs)
+    _, trailing, kwargs = _options(rest, kwargs)
     compute_entropy = _arg(trailing, kwargs, 0, "compute_entropy", True)
     acc = _acc_dtype(input.dtype)
     rows = input.shape[0]
@@ -239,7 +234,7 @@ def _linear_forward_fake(input, linear_weight, linear_bias, index, *rest, **kwar
 @torch.library.register_fake("fastce::linear_token_logprobs_backward")
 def _linear_backward_fake(grad_logprobs, grad_entropy, input, linear_weight, linear_bias, index, lse, entropy,
                           *rest, **kwargs):
-    _, trailing, kwargs = _linear_read(rest, kwargs)
+    _, trailing, kwargs = _options(rest, kwargs)
     flags = [_arg(trailing, kwargs, 1 + i, name, False) for i, name in
              enumerate(("grad_input", "grad_linear_weight", "grad_linear_bias"))]
     flags[2] = flags[2] and linear_bias is not None
@@ -252,7 +247,7 @@ def _linear_backward_fake(grad_logprobs, grad_entropy, input, linear_weight, lin
 
 def _linear_setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, index, *rest = inputs
-    options, trailing, _ = _linear_read(rest, {})
+    options, trailing, _ = _options(rest, {})
     _, ent, lse = output
     ctx.options = options
     ctx.chunk_size = _arg(trailing, {}, 1, "chunk_size", None)
@@ -341,6 +336,9 @@ def linear_token_logprobs(
 
 # ---- token accuracy, predicted tokens and token scaling on the losses --------------------------
 
+_NONE, _MEAN = 0, 1  # reductions (LossOptions.reduction)
+
+
 class CrossEntropyOutput(NamedTuple):
     """What :func:`fastce.cross_entropy` and :func:`fastce.linear_cross_entropy` return when an
     extra per-token output is requested (fields not requested are None)."""
@@ -389,9 +387,6 @@ def _scaled_reduction(loss_rows, z_rows, p_target, total_weight, reduction, dtyp
     if reduction == _MEAN:
         loss, z = loss / total_weight, z / total_weight
     return loss.to(dtype), z.to(dtype)
-
-
-_NONE, _MEAN = 0, 1
 
 
 def cross_entropy_token_outputs(input, target, weight, options, inplace_backward, return_z_loss,
