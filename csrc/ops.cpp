@@ -79,9 +79,12 @@ STABLE_TORCH_LIBRARY(fastce, m) {
   // Per-token outputs (python/fastce/token.py). logits (*, V); index (*) or (*, K) class
   // indices. logprobs: log_softmax(z)[index], shaped as index; entropy: -sum p log p per row
   // (with compute_entropy, else empty); lse: float64 log-sum-exp of each row's z (for the
-  // backward). logprobs and entropy in float32 (float64 for float64 logits).
+  // backward); argmax: int64 index of each row's largest z (first on ties, a NaN first, as
+  // torch.argmax; with compute_argmax, else empty). logprobs and entropy in float32 (float64 for
+  // float64 logits).
   m.def(("token_logprobs_forward(Tensor logits, Tensor index, " + kTokenOptionsSchema +
-         ", bool compute_entropy=False) -> (Tensor logprobs, Tensor entropy, Tensor lse)").c_str());
+         ", bool compute_entropy=False, bool compute_argmax=False) -> (Tensor logprobs, Tensor entropy, "
+         "Tensor lse, Tensor argmax)").c_str());
   // The logits' gradient (their dtype and shape, contiguous) for the gradients of logprobs
   // and entropy (either may be None).
   m.def(("token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor index, "

@@ -238,15 +238,28 @@ FASTCE_RULE bool token_identity(const TokenOptions& o) {
 //   sumexp = sum_c exp(z_c - m),  sum_ed = sum_c exp(z_c - m) * (z_c - m)
 // A class with z = -inf (a masked token) has zero probability and adds nothing to either
 // (the kernels skip its 0 * -inf). Merged left to right; a block whose max is -inf is empty.
+// argmax (when the kernels track it): the index of the row's first NaN if it has one, else of
+// its first largest z (the first class when all are -inf), as torch.argmax; -1: none yet.
 struct TokenStats {
   double max = -INFINITY;
   double sumexp = 0.0;
   double sum_ed = 0.0;
   bool has_nan = false;
+  int64_t argmax = -1;
 };
+// Whether b's argmax replaces a's: a NaN first, then the larger max, then (a tie) the lower
+// index. Symmetric, so that pieces may merge in any order (the CUDA butterfly).
+FASTCE_RULE bool token_argmax_wins(const TokenStats& a, const TokenStats& b) {
+  if (b.argmax < 0) return false;
+  if (a.argmax < 0) return true;
+  if (a.has_nan != b.has_nan) return b.has_nan;
+  if (!a.has_nan && a.max != b.max) return b.max > a.max;
+  return b.argmax < a.argmax;
+}
 // b follows a in the row. Rebasing a's sums to a larger max M: each exp(z - m) gains the
 // factor alpha = exp(m - M) and each (z - m) becomes (z - m) + (m - M).
 FASTCE_RULE void merge_token_stats(TokenStats& a, const TokenStats& b) {
+  if (token_argmax_wins(a, b)) a.argmax = b.argmax;
   a.has_nan = a.has_nan || b.has_nan;
   if (b.max == -INFINITY) return;  // nothing but -inf (and NaN): no mass
   if (a.max == -INFINITY) {
@@ -288,7 +301,7 @@ FASTCE_RULE double token_logprob(double z_k, double lse) { return z_k - lse; }
 // (masked) gets no share: its z - mean_z may be infinite.
 // V: a scalar or a vector of lanes (the CPU kernels), S its scalar type.
 template <class V, class S>
-FASTCE_RULE V token_grad_shared(V p, V z, S g_sum, S g_h, S mean_z) {
+FASTCE_RULE V token_grad_shared(const V& p, const V& z, S g_sum, S g_h, S mean_z) {
   const V g = -p * (g_sum + g_h * (z - mean_z));
   return p == S(0) ? p : g;  // (p is +0 there)
 }

@@ -100,7 +100,7 @@ def test_every_instruction_set_gives_the_same_results(dtype, isa, monkeypatch):
 def test_logit_scale_softcap_then_temperature(dtype, softcap):
     x = logits_of((5, 301), dtype)
     index = torch.randint(0, 301, (5, 2))
-    lp, h, lse = ops.token_logprobs_forward(x, index, 0.7, 1.7, softcap, True)
+    lp, h, lse, _ = ops.token_logprobs_forward(x, index, 0.7, 1.7, softcap, True)
     z = ref_z(x, 0.7, 1.7, softcap)
     torch.testing.assert_close(lp.double(), ref_logprobs(z, index), **tol(dtype))
     torch.testing.assert_close(h.double(), ref_entropy(z), **tol(dtype))
@@ -163,6 +163,30 @@ def test_rows_without_mass_are_nan_like_log_softmax():
     x[1, 2] = float("nan")
     lp, h = fastce.token_logprobs(x, torch.tensor([0, 1]), return_entropy=True)
     assert torch.isnan(lp).all() and torch.isnan(h).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("logit_scale", [1.0, -0.5])
+def test_argmax_as_torch_argmax_of_z(dtype, logit_scale):
+    # The forward op's optional argmax: first index on ties, a NaN first, the first class of an
+    # all -inf row, across blocks of the row (the largest value in a later block, ties between).
+    x = (torch.randn(9, 5000, dtype=torch.float64) * 3).to(dtype)
+    x[0] = 1.0                            # ties everywhere
+    x[1, 4000] = x[1, 100] = 50.0         # a tie across blocks
+    x[2, 4999] = 60.0                     # the last class
+    x[3, 3000] = float("nan")
+    x[3, 4000] = float("nan")
+    x[4] = float("-inf")
+    x[5, :2500] = float("-inf")
+    x[6, 10] = float("inf")
+    x[7, 2047:2049] = 70.0                # a tie at a block boundary
+    index = torch.zeros(9, 0, dtype=torch.long)
+    _, _, _, argmax = ops.token_logprobs_forward(x, index, 0.8, logit_scale, None, False, True)
+    z = x.double() * logit_scale
+    assert argmax.dtype == torch.long
+    assert torch.equal(argmax, z.argmax(-1))
+    _, _, _, none = ops.token_logprobs_forward(x, index, 1.0, 1.0, None, False, False)
+    assert none.numel() == 0
 
 
 # ---- gradients -------------------------------------------------------------------------------
@@ -369,11 +393,11 @@ def op_cases():
     i1 = torch.randint(0, 11, (4, 3))
     i3 = torch.randint(0, 11, (4, 3, 3))
     return [
-        (x, i1, 1.0, 1.0, None, False),
-        (x, i3, 0.7, 1.0, None, True),
-        (x.detach().double().requires_grad_(), i3, 1.3, 0.5, 4.0, True),
-        (x.detach().bfloat16().requires_grad_(), i1.int(), 1.0, 1.0, None, True),
-        (x, i1[..., :0].reshape(4, 3, 0), 1.0, 1.0, None, True),
+        (x, i1, 1.0, 1.0, None, False, False),
+        (x, i3, 0.7, 1.0, None, True, True),
+        (x.detach().double().requires_grad_(), i3, 1.3, 0.5, 4.0, True, False),
+        (x.detach().bfloat16().requires_grad_(), i1.int(), 1.0, 1.0, None, True, True),
+        (x, i1[..., :0].reshape(4, 3, 0), 1.0, 1.0, None, True, True),
     ]
 
 
@@ -381,9 +405,9 @@ def test_opcheck_token_ops():
     for args in op_cases():
         torch.library.opcheck(ops.token_logprobs_forward, args)
         with torch.no_grad():
-            lp, h, lse = ops.token_logprobs_forward(*args)
+            lp, h, lse, _ = ops.token_logprobs_forward(*args)
         x, index = args[0].detach(), args[1]
-        bargs = (torch.rand_like(lp), torch.rand_like(h) if args[-1] else None, x, index, lse, h, *args[2:5])
+        bargs = (torch.rand_like(lp), torch.rand_like(h) if args[5] else None, x, index, lse, h, *args[2:5])
         torch.library.opcheck(ops.token_logprobs_backward, bargs)
         torch.library.opcheck(ops.token_logprobs_backward, (None, *bargs[1:]))
 

@@ -85,8 +85,8 @@ TokenProblem prepare_tokens(const Tensor& logits, const Tensor& index) {
   return p;
 }
 
-cpu::TokenRowConfig row_config(const TokenProblem& p, const TokenOptions& o, bool entropy) {
-  return cpu::TokenRowConfig{kernel_dtype(p.dtype), o, entropy};
+cpu::TokenRowConfig row_config(const TokenProblem& p, const TokenOptions& o, bool entropy, bool argmax = false) {
+  return cpu::TokenRowConfig{kernel_dtype(p.dtype), o, entropy, argmax};
 }
 
 const cpu::TokenKernels& token_kernels() { return cpu::token_kernels_for(cpu::kernels().isa); }
@@ -94,7 +94,8 @@ const cpu::TokenKernels& token_kernels() { return cpu::token_kernels_for(cpu::ke
 int64_t row_grain(const TokenProblem& p) { return std::max<int64_t>(1, cpu::kMinChunk / std::max<int64_t>(1, p.classes)); }
 
 template <class A>
-void write_forward(const TokenProblem& p, const cpu::TokenRowConfig& cfg, A* logprobs, A* entropy, double* lse) {
+void write_forward(const TokenProblem& p, const cpu::TokenRowConfig& cfg, A* logprobs, A* entropy, double* lse,
+                   int64_t* argmax) {
   const cpu::TokenKernels& k = token_kernels();
   cpu::parallel_rows(p.rows, row_grain(p), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -103,30 +104,37 @@ void write_forward(const TokenProblem& p, const cpu::TokenRowConfig& cfg, A* log
       if (p.classes > 0) k.stats(cfg, x, 0, p.classes, &st);
       lse[r] = token_lse(st);
       if (entropy) entropy[r] = A(token_entropy(st));
+      if (argmax) argmax[r] = st.argmax;
       for (int64_t j = 0; j < p.K; ++j) logprobs[r * p.K + j] = A(token_logprob(k.z_one(cfg, x, p.index[r * p.K + j]), lse[r]));
     }
   });
 }
 
-// token_logprobs_forward(logits, index, <token options>, compute_entropy)
-//   -> (logprobs, entropy, lse)
+// token_logprobs_forward(logits, index, <token options>, compute_entropy, compute_argmax)
+//   -> (logprobs, entropy, lse, argmax)
 void forward_kernel(StableIValue* stack, uint64_t, uint64_t) {
   Args a(stack);
   const Tensor logits = a.tensor(), index = a.tensor();
   const TokenOptions opt = read_token_options(a);
-  const bool compute_entropy = a.flag();
+  const bool compute_entropy = a.flag(), compute_argmax = a.flag();
   const TokenProblem p = prepare_tokens(logits, index);
-  const cpu::TokenRowConfig cfg = row_config(p, opt, compute_entropy);
+  const cpu::TokenRowConfig cfg = row_config(p, opt, compute_entropy, compute_argmax);
   Tensor logprobs = host_empty(p.index_shape, p.acc_type);
   Tensor entropy = compute_entropy ? host_empty(p.row_shape, p.acc_type) : host_empty({0}, p.acc_type);
   Tensor lse = host_empty(p.row_shape, ScalarType::Double);
+  // (host_empty sizes floating types only)
+  Tensor argmax = torch::stable::new_empty(logits, compute_argmax ? p.row_shape : std::vector<int64_t>{0},
+                                           ScalarType::Long);
+  int64_t* argmax_out = compute_argmax ? argmax.mutable_data_ptr<int64_t>() : nullptr;
   if (p.acc_type == ScalarType::Double)
     write_forward(p, cfg, logprobs.mutable_data_ptr<double>(),
-                  compute_entropy ? entropy.mutable_data_ptr<double>() : nullptr, lse.mutable_data_ptr<double>());
+                  compute_entropy ? entropy.mutable_data_ptr<double>() : nullptr, lse.mutable_data_ptr<double>(),
+                  argmax_out);
   else
     write_forward(p, cfg, logprobs.mutable_data_ptr<float>(),
-                  compute_entropy ? entropy.mutable_data_ptr<float>() : nullptr, lse.mutable_data_ptr<double>());
-  put_results(stack, logprobs, entropy, lse);
+                  compute_entropy ? entropy.mutable_data_ptr<float>() : nullptr, lse.mutable_data_ptr<double>(),
+                  argmax_out);
+  put_results(stack, logprobs, entropy, lse, argmax);
 }
 
 // token_logprobs_backward(grad_logprobs?, grad_entropy?, logits, index, lse, entropy,

@@ -17,6 +17,7 @@ struct TokenRowConfig {
   Dtype dtype;
   TokenOptions opt;
   bool entropy;  // also TokenStats::sum_ed
+  bool argmax;   // also TokenStats::argmax
 };
 
 // A row's incoming gradients, folded (see token_grad_shared).

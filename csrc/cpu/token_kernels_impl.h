@@ -157,7 +157,21 @@ struct Transform {
 };
 
 // ---- the statistics of a piece of a row ----------------------------------------------------
-template <class T, ZMap M, bool Entropy>
+// The argmax of a block of n values of z (see TokenStats::argmax): its first NaN when
+// may_have_nan finds one (then nan is set), else its first value equal to its max m.
+template <class S>
+int64_t block_argmax(const S* z, int64_t n, S m, bool may_have_nan, bool& nan) {
+  for (int64_t i = 0; may_have_nan && i < n; ++i)
+    if (z[i] != z[i]) {
+      nan = true;
+      return i;
+    }
+  for (int64_t i = 0; i < n; ++i)
+    if (z[i] == m) return i;
+  return 0;  // (unreachable: m is one of the values)
+}
+
+template <class T, ZMap M, bool Entropy, bool Argmax>
 void stats_t(const TokenRowConfig& cfg, const T* x, int64_t begin, int64_t end, TokenStats* out) {
   using S = typename Acc<T>::scalar;
   using R = typename Acc<T>::reg;
@@ -183,7 +197,13 @@ void stats_t(const TokenRowConfig& cfg, const T* x, int64_t begin, int64_t end, 
       m = z > m ? z : m;
     }
     if (m == kNegInf) {  // nothing but -inf and NaN: no mass
-      for (int64_t i = 0; i < n; ++i) st.has_nan |= zbuf[i] != zbuf[i];
+      TokenStats block;
+      for (int64_t i = 0; i < n; ++i) block.has_nan |= zbuf[i] != zbuf[i];
+      if constexpr (Argmax) {
+        bool nan = false;
+        block.argmax = b0 + block_argmax(zbuf, n, m, block.has_nan, nan);
+      }
+      merge_token_stats(st, block);
       continue;
     }
     const int64_t padded = (n + W - 1) / W * W;
@@ -202,6 +222,13 @@ void stats_t(const TokenRowConfig& cfg, const T* x, int64_t begin, int64_t end, 
     block.max = double(m);
     block.sumexp = double(hsum(vs));
     block.sum_ed = double(hsum(ved));
+    if constexpr (Argmax) {
+      // Only a block that may win is scanned: one with a NaN (its sum is NaN; +inf makes it
+      // NaN too, then no NaN is found) or a larger max.
+      const bool may_have_nan = block.sumexp != block.sumexp;
+      if (may_have_nan || block.max > st.max || st.argmax < 0)
+        block.argmax = b0 + block_argmax(zbuf, n, m, may_have_nan, block.has_nan);
+    }
     merge_token_stats(st, block);
   }
   *out = st;
@@ -263,6 +290,10 @@ FASTCE_INLINE auto with_dtype(Dtype d, F&& f) {
   }
 }
 template <class F>
+FASTCE_INLINE void with_flag(bool v, F&& f) {
+  if (v) f(std::true_type{}); else f(std::false_type{});
+}
+template <class F>
 FASTCE_INLINE auto with_zmap(const TokenOptions& o, F&& f) {
   if (o.softcap > 0) return f(std::integral_constant<ZMap, ZMap::Cap>{});
   if (!token_identity(o)) return f(std::integral_constant<ZMap, ZMap::Scale>{});
@@ -273,8 +304,11 @@ void stats(const TokenRowConfig& cfg, const void* x, int64_t begin, int64_t end,
   with_dtype(cfg.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_zmap(cfg.opt, [&](auto map) {
-      if (cfg.entropy) stats_t<T, map.value, true>(cfg, static_cast<const T*>(x), begin, end, out);
-      else stats_t<T, map.value, false>(cfg, static_cast<const T*>(x), begin, end, out);
+      with_flag(cfg.entropy, [&](auto entropy) {
+        with_flag(cfg.argmax, [&](auto argmax) {
+          stats_t<T, map.value, entropy.value, argmax.value>(cfg, static_cast<const T*>(x), begin, end, out);
+        });
+      });
     });
   });
 }

@@ -28,16 +28,31 @@ struct TokenTransform {
   }
 };
 
-// A lane's running statistics, relative to its max m (see rules.h: TokenStats).
+// A lane's running statistics, relative to its max m (see rules.h: TokenStats), and the index
+// of its first NaN, else of its first largest z (a lane visits its elements in order).
 template <class A>
 struct LaneStats {
   A m = -INFINITY, s = 0, ed = 0;
   bool nan = false;
+  int64_t arg = -1;
 };
 
-// Folds N transformed logits: one max, one rescale, one exp each.
-template <int N, bool Entropy, class A>
-__device__ __forceinline__ void fold(LaneStats<A>& st, const A* z) {
+// Folds N transformed logits: one max, one rescale, one exp each. index(k): z[k]'s class.
+template <int N, bool Entropy, bool Argmax, class A, class Index>
+__device__ __forceinline__ void fold(LaneStats<A>& st, const A* z, Index index) {
+  if constexpr (Argmax) {
+    A best = st.m;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (z[k] != z[k]) {
+        if (!st.nan) st.arg = index(k);
+        st.nan = true;
+      } else if (!st.nan && (st.arg < 0 || z[k] > best)) {
+        best = z[k];
+        st.arg = index(k);
+      }
+    }
+  }
   A m = st.m;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -67,6 +82,7 @@ __device__ __forceinline__ TokenStats shfl_stats(const TokenStats& s, int off) {
   o.sumexp = shfl_xor(s.sumexp, off);
   o.sum_ed = shfl_xor(s.sum_ed, off);
   o.has_nan = shfl_xor(int(s.has_nan), off) != 0;
+  o.argmax = shfl_xor(static_cast<long long>(s.argmax), off);
   return o;
 }
 
@@ -76,6 +92,7 @@ template <class A>
 __device__ __forceinline__ TokenStats warp_token_stats(const LaneStats<A>& lane) {
   TokenStats st;
   st.has_nan = lane.nan;
+  st.argmax = lane.arg;
   if (lane.m != -INFINITY) {
     st.max = double(lane.m);
     st.sumexp = double(lane.s);
@@ -105,7 +122,7 @@ __device__ __forceinline__ int64_t chosen(const TokenRows& v, int64_t r, int64_t
   return c >= 0 && c < v.classes ? c : 0;  // (asserts compiled out: read nothing out of bounds)
 }
 
-template <class T, int F, bool Entropy>
+template <class T, int F, bool Entropy, bool Argmax>
 __global__ void __launch_bounds__(kThreads) token_forward_kernel(TokenForwardArgs a) {
   using A = acc_t<T>;
   constexpr int kVec = Traits<T>::kVec;
@@ -122,11 +139,11 @@ __global__ void __launch_bounds__(kThreads) token_forward_kernel(TokenForwardArg
       for (int j = 0; j < N; ++j) load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
 #pragma unroll
       for (int k = 0; k < N * kVec; ++k) z[k] = tf.z(z[k]);
-      fold<N * kVec, Entropy>(st, z);
+      fold<N * kVec, Entropy, Argmax>(st, z, [&](int k) { return c + (k / kVec) * kWarp * kVec + k % kVec; });
     };
     auto one = [&](int64_t c) {
       const A z[1] = {tf.z(A(load1(xr + c)))};
-      fold<1, Entropy>(st, z);
+      fold<1, Entropy, Argmax>(st, z, [&](int) { return c; });
     };
     walk(xr, 0, v.classes, element_aligned(xr), lane, vecs, one);
     const TokenStats row = warp_token_stats(st);
@@ -134,6 +151,7 @@ __global__ void __launch_bounds__(kThreads) token_forward_kernel(TokenForwardArg
     if (lane == 0) {
       a.lse[r] = lse;
       if (Entropy) static_cast<A*>(a.entropy)[r] = A(token_entropy(row));
+      if (Argmax) a.argmax[r] = row.argmax;
     }
     for (int64_t j = lane; j < v.K; j += kWarp) {
       const A z = tf.z(A(load1(xr + chosen(v, r, j))));
@@ -214,8 +232,10 @@ void launch_token_forward(const TokenForwardArgs& a, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_form(a.v.opt, [&](auto form) {
       with_flag(a.entropy != nullptr, [&](auto entropy) {
-        token_forward_kernel<T, form.value, entropy.value><<<grid, kThreads, 0, stream>>>(a);
-        FASTCE_LAUNCH_CHECK();
+        with_flag(a.argmax != nullptr, [&](auto argmax) {
+          token_forward_kernel<T, form.value, entropy.value, argmax.value><<<grid, kThreads, 0, stream>>>(a);
+          FASTCE_LAUNCH_CHECK();
+        });
       });
     });
   });

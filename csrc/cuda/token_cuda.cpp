@@ -53,25 +53,30 @@ Tensor doubles_on(const Tensor& t, int64_t count, const char* what, const Tensor
   return d.is_contiguous() ? d : torch::stable::contiguous(d);
 }
 
-// token_logprobs_forward(logits, index, <token options>, compute_entropy) -> (logprobs, entropy, lse)
+// token_logprobs_forward(logits, index, <token options>, compute_entropy, compute_argmax)
+//   -> (logprobs, entropy, lse, argmax)
 void forward_kernel(StableIValue* stack, uint64_t, uint64_t) {
   Args a(stack);
   const Tensor logits = a.tensor(), index = a.tensor();
   const TokenOptions opt = read_token_options(a);
-  const bool compute_entropy = a.flag();
+  const bool compute_entropy = a.flag(), compute_argmax = a.flag();
   const TokenShape s = check_token_args(logits, index);
   const torch::stable::accelerator::DeviceGuard guard(logits.get_device_index());
   const TokenView view(logits, index, s, opt);
   Tensor logprobs = empty_on(logits, s.index_shape, s.acc_type);
   Tensor entropy = compute_entropy ? empty_on(logits, s.row_shape, s.acc_type) : empty_on(logits, {0}, s.acc_type);
   Tensor lse = empty_on(logits, s.row_shape, ScalarType::Double);
+  // (new_empty: empty_on's host path sizes floating types only)
+  Tensor argmax = torch::stable::new_empty(logits, compute_argmax ? s.row_shape : std::vector<int64_t>{0},
+                                           ScalarType::Long);
   cuda::TokenForwardArgs f{};
   f.v = view.rows;
   f.logprobs = logprobs.mutable_data_ptr();
   f.entropy = compute_entropy ? entropy.mutable_data_ptr() : nullptr;
   f.lse = lse.mutable_data_ptr<double>();
+  f.argmax = compute_argmax ? argmax.mutable_data_ptr<int64_t>() : nullptr;
   cuda::launch_token_forward(f, token_stream(logits));
-  put_results(stack, logprobs, entropy, lse);
+  put_results(stack, logprobs, entropy, lse, argmax);
 }
 
 // token_logprobs_backward(grad_logprobs?, grad_entropy?, logits, index, lse, entropy,

@@ -30,6 +30,7 @@ struct TokenForwardArgs {
   void* logprobs;  // (rows, K) acc
   void* entropy;   // (rows,) acc, or nullptr
   double* lse;     // (rows,)
+  int64_t* argmax; // (rows,), or nullptr
 };
 void launch_token_forward(const TokenForwardArgs& a, cudaStream_t stream);
 

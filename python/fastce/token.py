@@ -59,13 +59,15 @@ def _invoke(op, *args):
 def _forward_fake(logits, index, *rest, **kwargs):
     _, trailing, kwargs = _options(rest, kwargs)
     compute_entropy = _arg(trailing, kwargs, 0, "compute_entropy", False)
+    compute_argmax = _arg(trailing, kwargs, 1, "compute_argmax", False)
     if logits.dim() < 1:
         raise RuntimeError("token_logprobs: logits must have a class dimension, got a 0-d tensor")
     acc = _acc_dtype(logits.dtype)
     rows = logits.shape[:-1]
     return (logits.new_empty(index.shape, dtype=acc),
             logits.new_empty(rows if compute_entropy else (0,), dtype=acc),
-            logits.new_empty(rows, dtype=torch.float64))
+            logits.new_empty(rows, dtype=torch.float64),
+            logits.new_empty(rows if compute_argmax else (0,), dtype=torch.long))
 
 
 @torch.library.register_fake("fastce::token_logprobs_backward")
@@ -76,15 +78,15 @@ def _backward_fake(grad_logprobs, grad_entropy, logits, index, lse, entropy, *re
 def _setup_context(ctx, inputs, output):
     logits, index, *rest = inputs
     options, _, _ = _options(rest, {})
-    _, entropy, lse = output
+    _, entropy, lse, argmax = output
     ctx.save_for_backward(logits, index, lse, entropy)
     ctx.options = options
     ctx.entropy_computed = _arg(rest[len(TokenOptions._fields):], {}, 0, "compute_entropy", False)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, argmax)
     ctx.set_materialize_grads(False)  # None for an unused output: no zero tensors
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse, _grad_argmax):
     nothing = (None,) * (len(ctx.needs_input_grad) - 1)
     if not ctx.entropy_computed:  # (an empty output: a traced graph may still pass it a gradient)
         grad_entropy = None
@@ -176,8 +178,8 @@ def _linear_forward_impl(input, linear_weight, linear_bias, index, *rest, **kwar
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         logits = _chunk_logits(input, linear_weight, linear_bias, buf, start, end)
-        lp_c, ent_c, lse_c = call(ops.token_logprobs_forward.default, logits, index[start:end], *options,
-                                  compute_entropy)
+        lp_c, ent_c, lse_c, _ = call(ops.token_logprobs_forward.default, logits, index[start:end], *options,
+                                     compute_entropy)
         logprobs[start:end] = lp_c
         lse[start:end] = lse_c
         if compute_entropy:
@@ -366,14 +368,6 @@ def _accuracy(predicted, target, ignore_index, reduction):
     return correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32), predicted
 
 
-def _argmax_of_logits(logits, dim, logit_scale):
-    # The transforms are monotonic (softcap and temperature increasing, logit_scale by its sign):
-    # the logits' argmax (lowest index on ties, as torch.argmax) is that of z.
-    if logit_scale < 0:
-        return logits.argmin(dim)
-    return logits.argmax(dim)
-
-
 def _scaled_reduction(loss_rows, z_rows, p_target, total_weight, reduction, dtype):
     """Token scaling: each token's loss (and z-loss) times the detached probability of its target,
     then reduced as the loss ('mean' divides by the same total weight)."""
@@ -396,39 +390,48 @@ def cross_entropy_token_outputs(input, target, weight, options, inplace_backward
     from .linear import _total_weight
     _check_class_targets(target, "cross_entropy")
     class_dim = 1 if input.dim() >= 2 else 0
+    want_argmax = return_token_accuracy or return_predicted_tokens
     if use_token_scaling:
         loss_rows, z_rows = cross_entropy_loss(input, target, weight, options._replace(reduction=_NONE),
                                                inplace_backward)
-        safe = torch.where(target == options.ignore_index, 0, target)
+    else:
+        loss, z_loss = cross_entropy_loss(input, target, weight, options, inplace_backward)
+    ignored = target == options.ignore_index
+    with torch.no_grad():
+        # One pass of the token op: the target's log-prob (token scaling) and the argmax of z.
+        logp, _, _, argmax = call(ops.token_logprobs_forward.default, input.detach().movedim(class_dim, -1),
+                                  torch.where(ignored, 0, target), 1.0, options.logit_scale, options.softcap,
+                                  False, want_argmax)
+    if use_token_scaling:
         with torch.no_grad():
-            logp = ops.token_logprobs_forward.default(input.detach().movedim(class_dim, -1), safe, 1.0,
-                                                      options.logit_scale, options.softcap, False)[0]
-            p_target = torch.where(target == options.ignore_index, 0.0, logp.exp())
+            p_target = torch.where(ignored, 0.0, logp.exp())
             total = _total_weight(target, weight, input.shape[class_dim], options.ignore_index, False,
                                   _acc_dtype(input.dtype))
         loss, z_loss = _scaled_reduction(loss_rows, z_rows, p_target, total, options.reduction, loss_rows.dtype)
-    else:
-        loss, z_loss = cross_entropy_loss(input, target, weight, options, inplace_backward)
     accuracy = predicted = None
-    if return_token_accuracy or return_predicted_tokens:
-        with torch.no_grad():
-            argmax = _argmax_of_logits(input.detach(), class_dim, options.logit_scale)
-            accuracy, predicted = _accuracy(argmax, target, options.ignore_index, options.reduction)
+    if want_argmax:
+        accuracy, predicted = _accuracy(argmax, target, options.ignore_index, options.reduction)
     return CrossEntropyOutput(loss, z_loss if return_z_loss else None,
                               accuracy if return_token_accuracy else None,
                               predicted if return_predicted_tokens else None)
 
 
-def _linear_argmax(x, w, b, logit_scale, chunk_size):
-    """The argmax of each row of x @ w.T + b, chunk by chunk (the logits never whole)."""
+def _linear_target_stats(x, w, b, index, logit_scale, softcap, chunk_size, want_argmax):
+    """The log-prob of index and the argmax of z for each row of x @ w.T + b, from one pass of the
+    token op over each chunk's logits (never whole)."""
     rows, classes = x.shape[0], w.shape[0]
-    out = torch.empty(rows, dtype=torch.long, device=x.device)
+    logp = x.new_empty((rows,), dtype=_acc_dtype(x.dtype))
+    argmax = torch.empty(rows if want_argmax else 0, dtype=torch.long, device=x.device)
     chunk = _chunk_rows(rows, classes, x.dtype, x.device, chunk_size)
     buf = x.new_empty((min(chunk, rows), classes))
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
-        out[start:end] = _argmax_of_logits(_chunk_logits(x, w, b, buf, start, end), 1, logit_scale)
-    return out
+        lp_c, _, _, arg_c = call(ops.token_logprobs_forward.default, _chunk_logits(x, w, b, buf, start, end),
+                                 index[start:end], 1.0, logit_scale, softcap, False, want_argmax)
+        logp[start:end] = lp_c
+        if want_argmax:
+            argmax[start:end] = arg_c
+    return logp, argmax
 
 
 def linear_cross_entropy_token_outputs(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
@@ -446,23 +449,22 @@ def linear_cross_entropy_token_outputs(input, linear_weight, target, linear_bias
     x = input.reshape(-1, input.shape[-1]).detach()
     b = None if linear_bias is None else linear_bias.detach()
     t = target.reshape(-1)
+    want_argmax = return_token_accuracy or return_predicted_tokens
     if use_token_scaling:
         loss_rows = linear_cross_entropy(input, linear_weight, target, reduction="none", **kw)
-        safe = torch.where(t == ignore_index, 0, t)
+    else:
+        loss = linear_cross_entropy(input, linear_weight, target, reduction=reduction, **kw)
+    with torch.no_grad():  # one more pass over the chunks: the target's log-prob and the argmax
+        logp, argmax = _linear_target_stats(x, linear_weight.detach(), b, torch.where(t == ignore_index, 0, t),
+                                            float(options.get("logit_scale", 1.0)), options.get("softcap"),
+                                            options.get("chunk_size"), want_argmax)
+    if use_token_scaling:
         with torch.no_grad():
-            logp = linear_token_logprobs(x, linear_weight.detach(), safe, linear_bias=b,
-                                         logit_scale=options.get("logit_scale", 1.0), softcap=options.get("softcap"),
-                                         return_entropy=False, chunk_size=options.get("chunk_size"))
             p_target = torch.where(t == ignore_index, 0.0, logp.exp()).reshape(target.shape)
             total = _total_weight(t, weight, linear_weight.shape[0], ignore_index, False, _acc_dtype(input.dtype))
         loss, _ = _scaled_reduction(loss_rows, torch.zeros_like(loss_rows), p_target, total, red, loss_rows.dtype)
-    else:
-        loss = linear_cross_entropy(input, linear_weight, target, reduction=reduction, **kw)
     accuracy = predicted = None
-    if return_token_accuracy or return_predicted_tokens:
-        with torch.no_grad():
-            argmax = _linear_argmax(x, linear_weight.detach(), b, options.get("logit_scale", 1.0),
-                                    options.get("chunk_size")).reshape(target.shape)
-            accuracy, predicted = _accuracy(argmax, target, ignore_index, red)
+    if want_argmax:
+        accuracy, predicted = _accuracy(argmax.reshape(target.shape), target, ignore_index, red)
     return CrossEntropyOutput(loss, None, accuracy if return_token_accuracy else None,
                               predicted if return_predicted_tokens else None)

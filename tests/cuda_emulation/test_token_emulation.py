@@ -48,7 +48,7 @@ def lib(tmp_path_factory):
     subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{out}", f"-I{HERE}",
                     f"-I{CUDA_INCLUDE}", os.path.join(HERE, "token_api.cpp"), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
-    lib.emu_token_forward.argtypes = [ptr_t, dbl, dbl, dbl, ptr_t, ptr_t, ptr_t]
+    lib.emu_token_forward.argtypes = [ptr_t, dbl, dbl, dbl, ptr_t, ptr_t, ptr_t, ptr_t]
     lib.emu_token_backward.argtypes = [ptr_t, dbl, dbl, dbl] + [ptr_t] * 5
     return lib
 
@@ -71,13 +71,15 @@ class Emulated:
                            (i64 * MAX_LEAD)(*x.stride()[:-1]), self.rows, x.shape[-1], self.K, self.index.data_ptr())
         self.opts = (temperature, logit_scale, 0.0 if softcap is None else softcap)
 
-    def forward(self, entropy=True):
+    def forward(self, entropy=True, argmax=False):
         lp = torch.full((self.rows, self.K), float("nan"), dtype=acc(self.x.dtype))
         h = torch.full((self.rows,), float("nan"), dtype=acc(self.x.dtype)) if entropy else None
         lse = torch.full((self.rows,), float("nan"), dtype=torch.float64)
+        arg = torch.full((self.rows,), -2, dtype=torch.long) if argmax else None
         rc = self.lib.emu_token_forward(ctypes.byref(self.p), *self.opts, lp.data_ptr(),
-                                        None if h is None else h.data_ptr(), lse.data_ptr())
-        return rc, lp, h, lse
+                                        None if h is None else h.data_ptr(), lse.data_ptr(),
+                                        None if arg is None else arg.data_ptr())
+        return (rc, lp, h, lse, arg) if argmax else (rc, lp, h, lse)
 
     def backward(self, g_lp, g_h, lse, h):
         gx = torch.full((self.rows, self.x.shape[-1]), float("nan"), dtype=self.x.dtype)
@@ -126,7 +128,7 @@ def test_against_reference_and_the_cpu_backend(lib, dtype, classes, option, offs
     torch.testing.assert_close(h.double().reshape(3, 3), want_h, **TOL[dtype])
     assert torch.isfinite(h).all()
     assert cap is not None or lp[0, 0] == float("-inf")  # (softcap maps -inf to -softcap)
-    cpu_lp, cpu_h, cpu_lse = torch.ops.fastce.token_logprobs_forward(x, index, temperature, scale, cap, True)
+    cpu_lp, cpu_h, cpu_lse, _ = torch.ops.fastce.token_logprobs_forward(x, index, temperature, scale, cap, True)
     torch.testing.assert_close(lse.reshape(3, 3), cpu_lse, rtol=1e-6, atol=1e-6)
 
     g_lp, g_h = torch.randn(9, 2, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
@@ -153,6 +155,24 @@ def test_entropy_alone_and_empty_rows(lib):
     assert rc == 0 and lp.shape == (5, 0)
     torch.testing.assert_close(h, torch.ops.fastce.token_logprobs_forward(x, torch.zeros(5, 0, dtype=torch.long),
                                                                           1.0, 1.0, None, True)[1])
+
+
+@pytest.mark.parametrize("dtype", list(DT))
+def test_argmax_as_torch_argmax(lib, dtype):
+    x = (torch.randn(8, 3001, dtype=torch.float64) * 3).to(dtype)
+    x[0] = 1.0                          # ties everywhere: the first
+    x[1, 2000] = x[1, 7] = 50.0         # a tie between lanes
+    x[2, 3000] = 60.0                   # the last class
+    x[3, 1500] = float("nan")
+    x[3, 2500] = float("nan")
+    x[4] = float("-inf")
+    x[5, :1500] = float("-inf")
+    x[6, 10] = float("inf")
+    rc, _, _, _, arg = Emulated(lib, x, torch.zeros(8, 0, dtype=torch.long), 0.9, -0.7, None).forward(argmax=True)
+    assert rc == 0
+    assert torch.equal(arg, (x.double() * -0.7).argmax(-1))
+    rc, _, _, _, arg = Emulated(lib, x, torch.zeros(8, 0, dtype=torch.long)).forward(argmax=True)
+    assert torch.equal(arg, x.double().argmax(-1))
     rc, lp, h, lse = Emulated(lib, torch.full((2, 40), float("-inf")), torch.zeros(2, dtype=torch.long)).forward()
     assert rc == 0 and torch.isnan(lp).all() and torch.isnan(h).all()
 

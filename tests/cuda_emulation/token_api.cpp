@@ -36,9 +36,9 @@ static TokenRows make_rows(const EmuTokens& p, double temperature, double logit_
 
 // Returns 0, or -1 when a device assert failed.
 extern "C" int emu_token_forward(const EmuTokens* p, double temperature, double logit_scale, double softcap,
-                                 void* logprobs, void* entropy, double* lse) {
+                                 void* logprobs, void* entropy, double* lse, int64_t* argmax) {
   emu_asserts = 0;
-  TokenForwardArgs a{make_rows(*p, temperature, logit_scale, softcap), logprobs, entropy, lse};
+  TokenForwardArgs a{make_rows(*p, temperature, logit_scale, softcap), logprobs, entropy, lse, argmax};
   launch_token_forward(a, nullptr);
   return emu_asserts.load() ? -1 : 0;
 }
