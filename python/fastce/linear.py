@@ -347,8 +347,8 @@ def linear_cross_entropy(
     cheap; ``'none'`` recomputes the logits in backward.
 
     ``return_token_accuracy``, ``return_predicted_tokens``, ``use_token_scaling``: as in
-    :func:`fastce.cross_entropy` (a ``CrossEntropyOutput`` is returned); each takes one more pass
-    of matmuls over the chunks (a ``(V, H)`` linear_weight only).
+    :func:`fastce.cross_entropy` (a ``CrossEntropyOutput`` is returned); together they take one
+    more pass of matmuls over the chunks (a ``(V, H)`` linear_weight only).
     """
     if return_token_accuracy or return_predicted_tokens or use_token_scaling:
         from .token import linear_cross_entropy_token_outputs
