@@ -549,3 +549,21 @@ def test_linear_cross_entropy_per_token_outputs(reduction):
     g2 = torch.autograd.grad(ref.loss.sum(), (h, w))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_per_token_outputs_with_shift_and_loss_dtype(reduction):
+    # shift=1 pairs position p with target p + 1: the same outputs as slicing both by hand
+    # (positions without a target dropped), loss_dtype applied to the loss.
+    h = torch.randn(2, 9, 16, dtype=torch.bfloat16)
+    w = torch.randn(37, 16, dtype=torch.bfloat16)
+    t = torch.randint(0, 37, (2, 9))
+    t[1, 4] = -100
+    kw = dict(reduction=reduction, return_token_accuracy=True, return_predicted_tokens=True,
+              use_token_scaling=True, loss_dtype=torch.float32)
+    out = fastce.linear_cross_entropy(h, w, t, shift=1, **kw)
+    ref = fastce.linear_cross_entropy(h[:, :-1], w, t[:, 1:], **kw)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.token_accuracy, ref.token_accuracy)
+    assert torch.equal(out.predicted_tokens, ref.predicted_tokens)
