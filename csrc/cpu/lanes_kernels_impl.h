@@ -14,6 +14,9 @@ namespace {
 
 // Classes of a tiled row at most (the driver sends longer rows to the row kernels).
 constexpr int64_t kMaxTiledClasses = 64;
+// Rows of at most this many classes keep their exponentials exp(z - shift) from the second pass
+// for the third, p = e / sum (one exponential per logit instead of two).
+constexpr int64_t kKeptExpClasses = 256;
 
 // log(s) for a row's sum of exponentials: s >= 1, or 0 (a row of -inf: -inf), NaN or +inf (kept).
 // s = 2^e f with f in [sqrt(1/2), sqrt(2)), log(f) = log(1 + x) from a degree-9 polynomial in x
@@ -45,6 +48,22 @@ FASTCE_INLINE vf vlog(vf s) {
 FASTCE_INLINE double vlog(double s) { return std::log(s); }
 
 typedef double vd __attribute__((vector_size(VW * 8)));
+
+// The loss is computed in double lanes (as the row rules are, in double): a row's sums of
+// w_c (shift - z_c) overflow float where its logits are huge (masked with finfo.min).
+typedef int64_t vl __attribute__((vector_size(VW * 8)));
+FASTCE_INLINE vd to_d(vf v) { return __builtin_convertvector(v, vd); }
+FASTCE_INLINE double to_d(double v) { return v; }
+FASTCE_INLINE vl to_d_mask(vi m) { return __builtin_convertvector(m, vl); }
+FASTCE_INLINE bool to_d_mask(int32_t m) { return m != 0; }
+FASTCE_INLINE double dsum(vd v) {
+  double s = 0.0;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+FASTCE_INLINE double dsum(double v) { return v; }
+FASTCE_INLINE void store_d(double* p, int n, vd v) { std::memcpy(p, &v, n * sizeof(double)); }
+FASTCE_INLINE void store_d(double* p, int, double v) { *p = v; }
 
 // The first n lanes of a + b, each summed in double, stored at p.
 FASTCE_INLINE void store_doubles(double* p, int n, vf a, vf b) {
@@ -101,8 +120,12 @@ SpanSums span_t(const LanesConfig& cfg, const Span& sp) {
 
   constexpr int64_t kTile = Tiled ? kMaxTiledClasses * W : 1;
   alignas(64) S xt[kTile], yt[Tiled ? kTile : 1], gt[kTile], gyt[kTile];
+  alignas(64) S et[kKeptExpClasses * W];
+  const bool keep_exp = C <= kKeptExpClasses && sp.gx != nullptr;
 
-  R loss_acc = zero, z_acc = zero;  // lane by lane over the span (float: at most kSpan / W terms)
+  using D = decltype(to_d(R{}));  // double lanes
+  const D zero_d{};
+  D loss_acc = zero_d, z_acc = zero_d;  // lane by lane over the span
   for (int64_t p0 = 0; p0 < sp.n; p0 += W) {
     const int nv = int(std::min<int64_t>(W, sp.n - p0));
     if constexpr (Tiled) {  // rows p0.., class c -> tile[c * W + lane]; missing lanes hold 0
@@ -155,43 +178,49 @@ SpanSums span_t(const LanesConfig& cfg, const Span& sp) {
     const R shift = m == neg_inf ? zero : m;
 
     // Pass 2: the sum of exponentials, and what the loss needs besides.
-    R s = zero, z_t = zero, w_t = one, gap = zero, sum_wy = zero, gap_y = zero, sum_wy_raw = zero;
+    R s = zero, z_t = zero, w_t = one, sum_wy = zero, sum_wy_raw = zero;
+    const D shift_d = to_d(shift);
+    D gap = zero_d, gap_y = zero_d;
     for (int64_t c = 0; c < C; ++c) {
       const R z = z_of(load_x(c));
-      s += vexp<kP>(z - shift);
+      const R e = vexp<kP>(z - shift);
+      if (keep_exp) storev(et + c * W, e);
+      s += e;
       const R wc = w ? splat(w[c]) : one;
       if (!prob) {
         const auto hit = target == int32_t(c);
         z_t = hit ? z : z_t;
         if (w) w_t = hit ? wc : w_t;
-        if (smoothing) gap += wc * (shift - z);
+        if (smoothing) gap += to_d(wc) * (shift_d - to_d(z));
       } else {
         const R yc = load_y(c);
         const R wy = (yc * smooth_y.keep + smooth_y.add) * wc;
         sum_wy += wy;
-        gap_y += wy * (shift - z);
+        gap_y += to_d(wy) * (shift_d - to_d(z));
         sum_wy_raw += yc * wc;
       }
     }
     const R rel = vlog(s);
     const R lse = shift + rel;
     const auto here = prob ? valid : target >= 0;  // rows whose loss counts
-    R ce, w_r;
+    const R w_r = prob ? one : R(here ? w_t : zero);
+    const D rel_d = to_d(rel), lse_d = shift_d + rel_d, w_r_d = to_d(w_r);
+    D ce;
     if (!prob) {
-      w_r = here ? w_t : zero;
-      ce = class_loss_lanes(w_r, lse_minus_lanes(shift, rel, z_t), weighted_lse_minus_z_lanes(rel, splat(wsum), gap),
-                            eps, vocab, smoothing);
+      ce = class_loss_lanes(w_r_d, lse_minus_lanes(shift_d, rel_d, to_d(z_t)),
+                            weighted_lse_minus_z_lanes(rel_d, zero_d + cfg.weight_sum, gap), cfg.eps, cfg.vocab,
+                            smoothing);
     } else {
-      w_r = one;
-      ce = weighted_lse_minus_z_lanes(rel, sum_wy, gap_y);
+      ce = weighted_lse_minus_z_lanes(rel_d, to_d(sum_wy), gap_y);
     }
-    const R zl = lss > 0 ? R(here ? z_loss_lanes(lss, w_r, lse) : zero) : zero;
-    const R loss = here ? ce + zl : zero;
+    const auto here_d = to_d_mask(here);
+    const D zl = lss > 0 ? D(here_d ? z_loss_lanes(cfg.lse_square_scale, w_r_d, lse_d) : zero_d) : zero_d;
+    const D loss = here_d ? ce + zl : zero_d;
     loss_acc += loss;
     z_acc += zl;
     if (sp.lse) store_doubles(sp.lse + p0, nv, here ? shift : zero, here ? rel : zero);
-    if (sp.loss) store_doubles(sp.loss + p0, nv, loss, zero);
-    if (sp.z_loss) store_doubles(sp.z_loss + p0, nv, zl, zero);
+    if (sp.loss) store_d(sp.loss + p0, nv, loss);
+    if (sp.z_loss) store_d(sp.z_loss + p0, nv, zl);
     if (!gx) continue;
 
     // Pass 3: the gradient, written in the logits' layout (rows that count nothing get 0).
@@ -200,10 +229,12 @@ SpanSums span_t(const LanesConfig& cfg, const Span& sp) {
     const R g_z = sp.g_z ? load_doubles_as(no_tile, sp.g_z + p0, nv) : splat(S(sp.g_z_all));
     const GradCoefLanes<R> k =
         grad_coef_lanes(lse, g, g_z, prob, prob ? sum_wy_raw : w_r, eps, vocab, wsum, lss);
+    const R inv_s = one / s;
     for (int64_t c = 0; c < C; ++c) {
       R slope = one;
       const R z = z_and_slope(load_x(c), slope);
-      const R p = vexp<kP>((z - shift) - rel);
+      // p = softmax(z) = exp(z - lse) = exp(z - shift) / sum
+      const R p = keep_exp ? loadv(et + c * W) * inv_s : vexp<kP>((z - shift) - rel);
       const R wc = w ? splat(w[c]) : one;
       R yc = zero;
       if (prob) yc = load_y(c);
@@ -222,7 +253,7 @@ SpanSums span_t(const LanesConfig& cfg, const Span& sp) {
         }
     }
   }
-  return {double(hsum(loss_acc)), double(hsum(z_acc))};
+  return {dsum(loss_acc), dsum(z_acc)};
 }
 
 SpanSums span(const LanesConfig& cfg, const Span& sp) {
