@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "driver.h"
+#include "grad_buffer.h"
 #include "lanes_kernels.h"
 
 namespace fastce::cpu {
@@ -239,7 +240,7 @@ ForwardResult lanes_forward(const Tensor& input, const Problem& p, const LossOpt
   const double total_weight = p.prob ? double(p.rows) : Targets(p, opt).validate_and_weigh(spans);
   ForwardResult out;
   out.total_weight = from_doubles({total_weight}, {}, p.acc_type, input);
-  out.lse = host_empty(p.row_shape, ScalarType::Double);
+  out.lse = new_row_buffer(p.row_shape, ScalarType::Double, input);  // reused memory: no page faults
 
   Pass pass(p, opt);
   pass.lse = out.lse.mutable_data_ptr<double>();
