@@ -20,7 +20,7 @@ namespace fastce::cpu {
 // Positions of a spatial problem at least (one vector of the widest instruction set).
 constexpr int64_t kSpatialMinInner = 16;
 // Classes of a tiled row at most (lanes_kernels_impl.h: kMaxTiledClasses holds them).
-constexpr int64_t kFewClasses = 32;
+constexpr int64_t kFewClasses = 64;
 
 bool takes_lanes(const Problem& p, const LossOptions& opt);
 
