@@ -810,13 +810,14 @@ def run_shape_group(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     timer = Timer("cpu", args.repeats, 0.5 if args.quick else 1.0, warmup=WARMUP)
+    names = [v.name for v in args.variant_list if v.name in SHAPE_VARIANTS]
     results = []
     for spec in SHAPE_GROUPS[args.group]:
         for dname in args.dtype_list:
             logits, target = shape_case(spec, dname)
             reference = float(F.cross_entropy(logits.float(), target))
-            log(f"{spec} {dname}: {', '.join(SHAPE_VARIANTS)}")
-            variants = [BY_NAME[v] for v in SHAPE_VARIANTS]
+            log(f"{spec} {dname}: {', '.join(names)}")
+            variants = [BY_NAME[v] for v in names]
             rows = measure_case(variants, logits, target, "fwd+bwd", timer, reference)
             nbytes = logits.numel() * logits.element_size()
             for v, r in zip(variants, rows):
@@ -827,20 +828,20 @@ def run_shape_group(args):
                 results.append(r)
             del logits, target
     by = {(r["shape"], r["dtype"], r["variant"]): r for r in results}
-    header = ["shape", "dtype", "logits MB"] + [f"{v} ms" for v in SHAPE_VARIANTS] + \
-        ["x eager", "x compile"] + ([f"mem {v}" for v in SHAPE_VARIANTS] if not args.no_memory else [])
+    header = ["shape", "dtype", "logits MB"] + [f"{v} ms" for v in names] + \
+        ["x eager", "x compile"] + ([f"mem {v}" for v in names] if not args.no_memory else [])
     table = []
     for spec, dname in dict.fromkeys((r["shape"], r["dtype"]) for r in results):
         cells = [spec.replace(":cl", " channels_last"), dname,
                  f"{by[(spec, dname, 'fastce')]['logits_bytes'] / 1e6:.1f}"]
-        cells += [_fmt_ms(by.get((spec, dname, v))) for v in SHAPE_VARIANTS]
+        cells += [_fmt_ms(by.get((spec, dname, v))) for v in names]
         f = by.get((spec, dname, "fastce"), {})
         for peer in ("eager", "compile"):
             r = by.get((spec, dname, peer), {})
             ok = "median_ms" in r and "median_ms" in f
             cells.append(f"{r['median_ms'] / f['median_ms']:.2f}" if ok else "-")
         if not args.no_memory:
-            for v in SHAPE_VARIANTS:
+            for v in names:
                 m = by.get((spec, dname, v), {}).get("peak_extra_ratio")
                 cells.append("-" if m is None else f"{m:.2f}x")
         table.append(cells)

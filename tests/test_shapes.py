@@ -269,3 +269,29 @@ def test_compiles_without_graph_breaks():
     xb = x.detach().double().requires_grad_()
     gb, = torch.autograd.grad(F.cross_entropy(xb, t), xb)
     assert_close(g, gb, 1e-5)
+
+
+def test_bench_shape_group(monkeypatch, capsys):
+    # benchmarks/bench.py --group: every shape of the group timed, its loss checked against torch's,
+    # fastce's peak memory measured in a child process (no speed is asserted).
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    spec = importlib.util.spec_from_file_location("fastce_benchmarks_bench_shapes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.SHAPE_GROUPS, "shapes-quick", ["2x3x8x8", "64x2", "2x3x4x8:cl"])
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.run_shape_group(bench.parse_args(["--group", "shapes-quick", "--variants", "eager,fastce",
+                                                       "--repeats", "2", "--threads", "1"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert {(r["shape"], r["variant"]) for r in rows} == {(s, v) for s in ["2x3x8x8", "64x2", "2x3x4x8:cl"]
+                                                         for v in ["eager", "fastce"]}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows), [r["status"] for r in rows]
+    assert all(r["peak_extra_ratio"] is not None for r in rows)
+    out = capsys.readouterr().out
+    assert "2x3x4x8 channels_last" in out and "x eager" in out
+    logits, _ = bench.shape_case("2x3x4x8:cl", "float32")
+    assert logits.is_contiguous(memory_format=torch.channels_last)
