@@ -11,7 +11,10 @@
 #if defined(__CUDACC__)
 #define FASTCE_RULE static __host__ __device__ __forceinline__
 #else
-#define FASTCE_RULE static inline
+// Always inlined: the CPU kernels call the rules' vector forms (V = a GCC vector) from code
+// compiled for another instruction set than the rules' own definitions (no target options), and
+// a call that passed a 64-byte vector across that boundary would disagree on the ABI (-O0).
+#define FASTCE_RULE static inline __attribute__((always_inline))
 #endif
 
 namespace fastce {

@@ -14,13 +14,14 @@
 // vector registers) rather than reading the saved one.
 #pragma once
 #include "../op_kernels.h"
+#include "lanes_kernels.h"
 
 namespace fastce::cpu {
 
 // Positions of a spatial problem at least (one vector of the widest instruction set).
 constexpr int64_t kSpatialMinInner = 16;
-// Classes of a tiled row at most (lanes_kernels_impl.h: kMaxTiledClasses holds them).
-constexpr int64_t kFewClasses = 64;
+// Classes of a tiled row at most: the row kernels are faster from about there on.
+constexpr int64_t kFewClasses = kMaxTiledClasses;
 
 bool takes_lanes(const Problem& p, const LossOptions& opt);
 

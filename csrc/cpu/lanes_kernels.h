@@ -19,6 +19,8 @@ namespace fastce::cpu {
 
 // Rows a kernel call takes at most (the driver's stack buffers hold one span's targets).
 constexpr int64_t kSpan = 1024;
+// Classes of a tiled row at most (the kernels' tiles hold that many; longer rows take the row kernels).
+constexpr int64_t kMaxTiledClasses = 64;
 
 // What is the same for every span of a call. Strides are in elements: between rows (positions)
 // and between classes, of the logits x, probability targets y and the gradients gx, gy.

@@ -12,8 +12,6 @@
 namespace fastce::cpu::FASTCE_ISA {
 namespace {
 
-// Classes of a tiled row at most (the driver sends longer rows to the row kernels).
-constexpr int64_t kMaxTiledClasses = 64;
 // Rows of at most this many classes keep their exponentials exp(z - shift) from the second pass
 // for the third, p = e / sum (one exponential per logit instead of two).
 constexpr int64_t kKeptExpClasses = 256;
