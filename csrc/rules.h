@@ -11,7 +11,10 @@
 #if defined(__CUDACC__)
 #define FASTCE_RULE static __host__ __device__ __forceinline__
 #else
-#define FASTCE_RULE static inline
+// Always inlined: the CPU kernels call the rules' vector forms (V = a GCC vector) from code
+// compiled for another instruction set than the rules' own definitions (no target options), and
+// a call that passed a 64-byte vector across that boundary would disagree on the ABI (-O0).
+#define FASTCE_RULE static inline __attribute__((always_inline))
 #endif
 
 namespace fastce {
@@ -120,6 +123,64 @@ FASTCE_RULE SmoothedTarget<A> smoothed_target(double eps, int64_t classes) {
   return {A(1.0 - eps), A(eps / double(classes))};
 }
 
+// ---- the rules for a vector of rows ----------------------------------------------------
+// The spatial and few-class CPU kernels (cpu/lanes_kernels_impl.h) take a SIMD vector of rows
+// (positions) at once, in the accumulation type. These are the rules' forms they use, written
+// with arithmetic only, for V = a float, a double or a GCC vector of them (S: its scalar); the
+// row rules below are these with V = double. Such a kernel keeps every row's lse as
+// shift = its max, rel = log(sumexp) (exact for any lse: see RowLse) and its weighted sums as
+// gaps, gap = sum_c m_c (shift - z_c), summed class by class.
+
+// lse - z (lse_minus of a shifted row).
+template <class V>
+FASTCE_RULE V lse_minus_lanes(V shift, V rel, V z) {
+  return (shift - z) + rel;
+}
+// sum_c m_c (lse - z_c) (weighted_lse_minus_z of a shifted row).
+template <class V>
+FASTCE_RULE V weighted_lse_minus_z_lanes(V rel, V sum_m, V gap) {
+  return gap + rel * sum_m;
+}
+// Cross-entropy of rows with a class index (class_row_loss): w_t the target's weight (0 where
+// it adds nothing), lse_minus_zt = lse - z_t, smooth_sum = sum_c w_c (lse - z_c), used only
+// when smoothing (label smoothing, over classes whose weights do not all vanish).
+template <class V, class S>
+FASTCE_RULE V class_loss_lanes(V w_t, V lse_minus_zt, V smooth_sum, S eps, S vocab, bool smoothing) {
+  V ce = (S(1) - eps) * w_t * lse_minus_zt;
+  if (smoothing) ce += eps / vocab * smooth_sum;
+  return ce;
+}
+// The z-loss of rows (z_loss; the caller skips it when lse_square_scale is 0).
+template <class V, class S>
+FASTCE_RULE V z_loss_lanes(S lse_square_scale, V lse) {
+  return lse_square_scale * lse * lse;
+}
+// The gradient coefficients of rows (see GradCoef): g and g_z the rows' incoming gradients
+// of their cross-entropy and z-loss as row_grads gives them (divided by the mean's divisors);
+// m = the row's weight w_r for class indices, probability targets' sum_c w_c y_c
+// (unsmoothed) for them.
+template <class V>
+struct GradCoefLanes {
+  V coef_p, coef_w, coef_wy, coef_target, coef_grad_y;
+};
+template <class V, class S>
+FASTCE_RULE GradCoefLanes<V> grad_coef_lanes(V lse, V g, V g_z, bool prob, V m, S eps, S vocab,
+                                             S weight_sum_all, S lse_square_scale) {
+  const S smooth = eps > 0 ? eps / vocab * weight_sum_all : S(0);
+  const V zl = S(2) * lse_square_scale * lse * g_z;
+  GradCoefLanes<V> k{};
+  if (eps > 0) k.coef_w = g * eps / vocab;
+  if (prob) {
+    k.coef_p = g * ((S(1) - eps) * m + smooth) + zl;
+    k.coef_wy = g * (S(1) - eps);
+    k.coef_grad_y = g * (S(1) - eps);
+  } else {
+    k.coef_p = g * ((S(1) - eps) * m + smooth) + zl;
+    k.coef_target = g * (S(1) - eps) * m;
+  }
+  return k;
+}
+
 // ---- a row's loss -------------------------------------------------------------------------
 // What a row's loss needs besides its lse. Class-index targets: m_c = w_c; probability
 // targets: m_c = w_c y'_c with y' = (1 - eps) y + eps / V folded in by the kernels.
@@ -135,10 +196,10 @@ struct RowSums {
 // transformed logit; weight_sum = sum_c w_c over the input's classes; V the vocabulary.
 FASTCE_RULE double class_row_loss(const RowLse& l, bool target_here, double w_t, double z_t, double eps,
                                   double V, double weight_sum, const RowSums& s) {
-  double ce = target_here ? (1.0 - eps) * w_t * lse_minus(l, z_t) : 0.0;
   // (A slice of the vocabulary that holds no class adds nothing, even with an lse of -inf.)
-  if (eps > 0 && weight_sum != 0) ce += eps / V * weighted_lse_minus_z(l, weight_sum, s.sum_wz, s.gap);
-  return ce;
+  const bool smoothing = eps > 0 && weight_sum != 0;
+  return class_loss_lanes(target_here ? w_t : 0.0, target_here ? lse_minus(l, z_t) : 0.0,
+                          smoothing ? weighted_lse_minus_z(l, weight_sum, s.sum_wz, s.gap) : 0.0, eps, V, smoothing);
 }
 
 // Cross-entropy of a row with probability targets: sum_c w_c y'_c (lse - z_c).
@@ -150,7 +211,7 @@ FASTCE_RULE double prob_row_loss(const RowLse& l, const RowSums& s) {
 // with class weights: not weighted (it regularizes the log-partition of every counted row,
 // whatever its target's weight).
 FASTCE_RULE double z_loss(double lse_square_scale, double lse) {
-  return lse_square_scale > 0 ? lse_square_scale * lse * lse : 0.0;
+  return lse_square_scale > 0 ? z_loss_lanes(lse_square_scale, lse) : 0.0;
 }
 
 // ---- the reduction ------------------------------------------------------------------------
@@ -211,23 +272,17 @@ struct GradCoef {
 FASTCE_RULE GradCoef grad_coef(const RowLse& l, const RowGrads& rg, bool prob, double w_r, int64_t target,
                                double eps, double V, double weight_sum_all, double lse_square_scale,
                                double sum_wy) {
-  const double g = rg.ce;
-  const double smooth = eps > 0 ? eps / V * weight_sum_all : 0.0;
-  const double zl = 2.0 * lse_square_scale * full(l) * rg.z;
+  const GradCoefLanes<double> c =
+      grad_coef_lanes(full(l), rg.ce, rg.z, prob, prob ? sum_wy : w_r, eps, V, weight_sum_all, lse_square_scale);
   GradCoef k{};
   k.lse_shift = l.shift;
   k.lse = l.rel;
-  k.coef_w = eps > 0 ? g * eps / V : 0.0;
-  if (prob) {
-    k.coef_p = g * ((1.0 - eps) * sum_wy + smooth) + zl;
-    k.coef_wy = g * (1.0 - eps);
-    k.coef_grad_y = g * (1.0 - eps);
-    k.target = -1;
-  } else {
-    k.coef_p = g * ((1.0 - eps) * w_r + smooth) + zl;
-    k.target = target;
-    k.coef_target = g * (1.0 - eps) * w_r;
-  }
+  k.coef_p = c.coef_p;
+  k.coef_w = c.coef_w;
+  k.coef_wy = c.coef_wy;
+  k.coef_grad_y = c.coef_grad_y;
+  k.target = prob ? -1 : target;
+  k.coef_target = c.coef_target;
   return k;
 }
 
