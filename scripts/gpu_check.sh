@@ -85,7 +85,7 @@ if [ $DRY -eq 1 ]; then
   echo "| build | dry run: not built (uses the in-place build) | 0 s |" >> "$SUMMARY"
   built=0
 else
-  step build 180 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 FASTCE_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
+  step build 150 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 FASTCE_PTXAS_VERBOSE=1 MAX_JOBS="$(nproc)" \
     "$PY" setup.py build_ext --inplace
   built=$?
 fi
@@ -101,14 +101,14 @@ assert torch.cuda.is_available(); print(torch.cuda.get_device_name(), torch.cuda
   # more than the first failure.
   : > "$OUT/tests.progress"
   # shellcheck disable=SC2086
-  GPU_CHECK_PROGRESS="$OUT/tests.progress" step tests 150 "$PY" -m pytest tests -q -p no:cacheprovider \
+  GPU_CHECK_PROGRESS="$OUT/tests.progress" step tests 120 "$PY" -m pytest tests -q -p no:cacheprovider \
     -p gpu_check_plugin -k "cuda" --maxfail=25 -ra --junitxml="$OUT/tests.xml" ${GPU_CHECK_PYTEST_ARGS:-}
 
   # 3. compute-sanitizer over the prepared matrix (memcheck: every offset; the others: 0, 1, 3, 7).
   for tool in memcheck synccheck initcheck; do
     quick=(--quick)
-    limit=35
-    [ $tool = memcheck ] && { quick=(); limit=60; }
+    limit=30
+    [ $tool = memcheck ] && { quick=(); limit=75; }
     if [ $DRY -eq 1 ]; then
       step "sanitize_$tool" 120 "$PY" scripts/gpu_check.py matrix "${quick[@]}" --dry-run
     elif [ -x "$SANITIZER" ]; then
@@ -120,13 +120,13 @@ assert torch.cuda.is_available(); print(torch.cuda.get_device_name(), torch.cuda
   done
 
   # 4. Bandwidth and per-kernel times, fastce vs torch eager.
-  step bench 100 "$PY" benchmarks/bench_gpu_smoke.py --out "$OUT" "${DRYARG[@]}"
+  step bench 90 "$PY" benchmarks/bench_gpu_smoke.py --out "$OUT" "${DRYARG[@]}"
 
   # 5. ncu on the forward and gradient kernels (a few launches of each).
   if [ $DRY -eq 1 ]; then
     step ncu 60 "$PY" scripts/gpu_check.py ncu-target --dry-run
   elif [ -x "$NCU" ]; then
-    step ncu 45 "$NCU" --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    step ncu 40 "$NCU" --section SpeedOfLight --section Occupancy --section WarpStateStats \
       -k "regex:stats_kernel|grad_kernel" -c 6 "$PY" scripts/gpu_check.py ncu-target
     cp "$OUT/ncu.log" "$OUT/ncu.txt" 2>/dev/null
   else
