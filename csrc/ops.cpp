@@ -40,9 +40,10 @@ void empty_cache(StableIValue*, uint64_t, uint64_t) { cpu::release_kept_buffer()
 STABLE_TORCH_LIBRARY(fastce, m) {
   // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float64 log-sum-exp of
   // each row's transformed logits (float64 keeps z - lse exact for large logits);
-  // total_weight: the mean's divisor (float32, float64 for float64 input). loss and z_loss are
-  // of loss_dtype (default: the input's). grad_input: with
-  // compute_grad, the gradient of the logits for grad_loss = 1 and grad_z_loss = 0 (what
+  // total_weight: the mean's two divisors (rules.h: Divisors), the total weight of the
+  // cross-entropy and the count of non-ignored rows of the z-loss (shape (2,), float32,
+  // float64 for float64 input). loss and z_loss are of loss_dtype (default: the input's).
+  // grad_input: with compute_grad, the gradient of the logits for grad_loss = 1 and grad_z_loss = 0 (what
   // cross_entropy_backward returns for them, bit for bit), computed while the rows are in
   // cache; else empty.
   m.def(("cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, " + kOptionsSchema +
@@ -56,6 +57,22 @@ STABLE_TORCH_LIBRARY(fastce, m) {
   // Writes the gradient of the logits into the logits' own storage.
   m.def(("cross_entropy_backward_inplace(Tensor grad_loss, Tensor grad_z_loss, Tensor(a!) input, "
          "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, " + kOptionsSchema + ") -> ()").c_str());
+  // Fused linear + cross-entropy over row chunks (python/fastce/linear.py: the implementation
+  // is torch matmuls around the ops above, so it is registered from Python for every device).
+  // loss; lse of each row (for reduction=0, else empty); for reduction 1/2 the requested
+  // gradients for grad_loss = 1 (empty where not requested). loss is of loss_dtype (default: the
+  // input's).
+  const std::string linear_flags =
+      ", int? chunk_size=None, bool grad_input=False, bool grad_linear_weight=False, "
+      "bool grad_linear_bias=False)";
+  m.def(("linear_cross_entropy_forward(Tensor input, Tensor linear_weight, Tensor? linear_bias, "
+         "Tensor target, Tensor? weight, " + kOptionsSchema + linear_flags.substr(0, linear_flags.size() - 1) +
+         ", ScalarType? loss_dtype=None) -> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_linear_weight, "
+         "Tensor grad_linear_bias)").c_str());
+  // reduction=0: the requested gradients for a per-row grad_loss (the logits recomputed).
+  m.def(("linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor linear_weight, "
+         "Tensor? linear_bias, Tensor target, Tensor? weight, Tensor lse, " + kOptionsSchema +
+         linear_flags + " -> (Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)").c_str());
   m.def("cpu_isa() -> str");
   // Unmaps the CPU gradient buffer kept for reuse (cpu/grad_buffer.cpp).
   m.def("empty_cache() -> ()");

@@ -86,8 +86,13 @@ void check_weight(const Tensor& input, const Tensor& weight, bool prob, int64_t 
     FASTCE_CHECK(complete, prob ? "cross_entropy: " : "", "weight tensor should be defined either for all ",
                  classes, " classes or no classes but got weight tensor of shape: ", weight.sizes());
   }
-  FASTCE_CHECK(prob || weight.scalar_type() == input.scalar_type(), "expected scalar type ",
-               input.scalar_type(), " but found ", weight.scalar_type());
+  // 16-bit logits take a class weight of any floating dtype (as Liger-Kernel): prepare() gives
+  // the kernels every weight in the accumulation dtype, so a float32 weight keeps its precision.
+  // Otherwise torch's rule: the logits' dtype.
+  const bool low_precision = input.scalar_type() == ScalarType::BFloat16 || input.scalar_type() == ScalarType::Half;
+  FASTCE_CHECK(prob || weight.scalar_type() == input.scalar_type() ||
+                   (low_precision && is_floating(weight.scalar_type())),
+               "expected scalar type ", input.scalar_type(), " but found ", weight.scalar_type());
 }
 
 // (N, C, d1..dk) -> (N * d1..dk, C) with unit class stride: one row per position.

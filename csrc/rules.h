@@ -146,22 +146,47 @@ FASTCE_RULE double prob_row_loss(const RowLse& l, const RowSums& s) {
   return weighted_lse_minus_z(l, s.sum_wy, s.sum_wyz, s.gap);
 }
 
-// The z-loss of a row (PaLM): lse_square_scale * lse^2, times the row's weight.
-FASTCE_RULE double z_loss(double lse_square_scale, double row_weight, double lse) {
-  return lse_square_scale > 0 ? lse_square_scale * row_weight * lse * lse : 0.0;
+// The z-loss of a non-ignored row (PaLM): lse_square_scale * lse^2. As Liger-Kernel defines it
+// with class weights: not weighted (it regularizes the log-partition of every counted row,
+// whatever its target's weight).
+FASTCE_RULE double z_loss(double lse_square_scale, double lse) {
+  return lse_square_scale > 0 ? lse_square_scale * lse * lse : 0.0;
 }
 
 // ---- the reduction ------------------------------------------------------------------------
-// 'mean' divides by the total weight: the sum of the non-ignored rows' target weights (their
-// count without class weights; the row count for probability targets). Nothing to average
-// gives 0 / 0 = NaN, as torch.
-FASTCE_RULE double reduce_sum(double sum, double total_weight, int64_t reduction) {
+// 'mean' divides the cross-entropy by the total weight: the sum of the non-ignored rows'
+// target weights (their count without class weights; the row count for probability
+// targets), as torch; and the z-loss by the count of non-ignored rows (Liger-Kernel's
+// definition; every row counts for probability targets). Without class weights the two are
+// equal. Nothing to average gives 0 / 0 = NaN, as torch. The ops' total_weight output holds
+// both, in this order.
+struct Divisors {
+  double ce;  // the total weight
+  double z;   // the count of non-ignored rows
+};
+FASTCE_RULE double reduce_sum(double sum, double divisor, int64_t reduction) {
   if (reduction != kMean) return sum;
-  return total_weight == 0.0 ? NAN : sum / total_weight;
+  return divisor == 0.0 ? NAN : sum / divisor;
 }
-// What the incoming gradients are divided by (total_weight as the op's output holds it).
-FASTCE_RULE double grad_divisor(double total_weight, int64_t reduction) {
-  return reduction == kMean ? total_weight : 1.0;
+// The reduced loss (cross-entropy plus z-loss) and z-loss, from the sums over the rows of
+// their losses (z-loss included) and of their z-losses.
+struct Reduced {
+  double loss, z_loss;
+};
+FASTCE_RULE Reduced reduce_losses(double sum_loss, double sum_z, const Divisors& d, int64_t reduction) {
+  const double z = reduce_sum(sum_z, d.z, reduction);
+  if (reduction != kMean || d.ce == d.z || sum_z == 0.0) return {reduce_sum(sum_loss, d.ce, reduction), z};
+  return {reduce_sum(sum_loss - sum_z, d.ce, reduction) + z, z};
+}
+// A row's incoming gradients divided by the mean's divisors (as the op's total_weight output
+// holds them): ce multiplies the row's cross-entropy, z its z-loss, which both the loss and the
+// z-loss output hold.
+struct RowGrads {
+  double ce, z;
+};
+FASTCE_RULE RowGrads row_grads(double grad_loss, double grad_z_loss, const Divisors& d, int64_t reduction) {
+  const bool mean = reduction == kMean;
+  return {grad_loss / (mean ? d.ce : 1.0), (grad_loss + grad_z_loss) / (mean ? d.z : 1.0)};
 }
 
 // ---- a row's gradient ---------------------------------------------------------------------
@@ -180,15 +205,15 @@ struct GradCoef {
   double coef_grad_y;   // probability targets: d loss / d y_c = coef_grad_y * w_c * (lse - z_c)
 };
 
-// g, g_z: the incoming gradients of the row's loss and z-loss, already divided by the
-// mean's divisor. w_r: the row's weight (target weight, 1 for probability targets);
-// weight_sum_all = sum_c w_c over the whole vocabulary of V classes; sum_wy: probability
+// rg: the row's incoming gradients (row_grads). w_r: the row's weight (target weight, 1 for
+// probability targets); weight_sum_all = sum_c w_c over the whole vocabulary of V classes; sum_wy: probability
 // targets' sum_c w_c y_c (unsmoothed); target: index in this input or -1.
-FASTCE_RULE GradCoef grad_coef(const RowLse& l, double g, double g_z, bool prob, double w_r, int64_t target,
+FASTCE_RULE GradCoef grad_coef(const RowLse& l, const RowGrads& rg, bool prob, double w_r, int64_t target,
                                double eps, double V, double weight_sum_all, double lse_square_scale,
                                double sum_wy) {
+  const double g = rg.ce;
   const double smooth = eps > 0 ? eps / V * weight_sum_all : 0.0;
-  const double zl = 2.0 * lse_square_scale * full(l) * (g + g_z);
+  const double zl = 2.0 * lse_square_scale * full(l) * rg.z;
   GradCoef k{};
   k.lse_shift = l.shift;
   k.lse = l.rel;
@@ -199,7 +224,7 @@ FASTCE_RULE GradCoef grad_coef(const RowLse& l, double g, double g_z, bool prob,
     k.coef_grad_y = g * (1.0 - eps);
     k.target = -1;
   } else {
-    k.coef_p = g * ((1.0 - eps) * w_r + smooth) + w_r * zl;
+    k.coef_p = g * ((1.0 - eps) * w_r + smooth) + zl;
     k.target = target;
     k.coef_target = g * (1.0 - eps) * w_r;
   }

@@ -17,15 +17,13 @@ def reference_cross_entropy(input, target, weight=None, ignore_index=-100, reduc
                          label_smoothing=label_smoothing)
     class_dim = 0 if z.dim() == 1 else 1
     lse = torch.logsumexp(z, dim=class_dim)
-    if prob:
-        row_w = torch.ones_like(lse)
-    else:
-        valid = tgt != ignore_index
-        row_w = valid.double() if w is None else torch.where(valid, w[tgt.clamp(0, z.shape[class_dim] - 1)], 0.0)
-    zl = lse_square_scale * torch.where(row_w != 0, row_w * lse * lse, 0.0)
+    # Liger-Kernel's z-loss: lse_square_scale * lse^2 on every non-ignored row, not weighted by
+    # the class weights, its mean over the non-ignored rows (every row of probability targets).
+    counted = torch.ones_like(lse, dtype=torch.bool) if prob else tgt != ignore_index
+    zl = lse_square_scale * torch.where(counted, lse * lse, 0.0)
     if reduction == "sum":
         zl = zl.sum()
     elif reduction == "mean":
-        zl = zl.sum() / (row_w.numel() if prob else row_w.sum())
+        zl = zl.sum() / counted.sum()
     loss = ce + zl
     return (loss, zl) if return_z_loss else loss

@@ -1,15 +1,12 @@
-"""Double backward: fastce's gradient is not itself differentiable. The contract is that
-first-order gradients stay exact under create_graph=True, and any attempt to
-differentiate them raises a clear error (python/fastce/_ops.py) — never a silently wrong
-second derivative.
+"""Double backward: fastce's gradient is differentiable (create_graph=True), with torch's
+second derivatives — through the logits, probability targets and the incoming gradient
+(python/fastce/_ops.py: _LossGradient; python/fastce/_derivatives.py).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastce
-
-MESSAGE = "fastce.cross_entropy does not support double backward"
 
 CASES = {
     "index": dict(target=lambda g: torch.randint(0, 5, (4,), generator=g), kwargs={}),
@@ -47,7 +44,7 @@ def test_first_order_exact_with_create_graph(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_gradgradcheck_raises_clear_error(case):
+def test_gradgradcheck(case):
     x, target, kwargs = inputs(case)
     prob = target.is_floating_point()
     if prob:
@@ -56,33 +53,65 @@ def test_gradgradcheck_raises_clear_error(case):
 
     def fn(*a):
         return fastce.cross_entropy(a[0], a[1] if prob else target, **kwargs)
-
-    # The same check passes for torch's implementation: the error is ours alone.
-    assert torch.autograd.gradgradcheck(lambda *a: F.cross_entropy(a[0], a[1] if prob else target, **kwargs),
-                                        args)
-    with pytest.raises(RuntimeError, match=MESSAGE):
-        torch.autograd.gradgradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
 
 
-def test_hessian_raises_clear_error():
+@pytest.mark.parametrize("case", CASES)
+def test_second_derivatives_equal_torch(case):
+    x, target, kwargs = inputs(case)
+    prob = target.is_floating_point()
+    wrt_target = target.clone().requires_grad_() if prob else target
+    gen = torch.Generator().manual_seed(2)
+
+    def second(fn):
+        xr = x.detach().clone().requires_grad_()
+        loss = fn(xr, wrt_target, **kwargs)
+        grad_out = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1),
+                              dtype=loss.dtype).requires_grad_()
+        leaves = (xr, wrt_target) if prob else (xr,)
+        grads = torch.autograd.grad(loss, leaves, grad_out, create_graph=True)
+        v = [torch.randn(g.shape, generator=gen, dtype=g.dtype) for g in grads]
+        gen.manual_seed(2)
+        return torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, v)), (*leaves, grad_out))
+
+    for ours, theirs in zip(second(fastce.cross_entropy), second(F.cross_entropy)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_equals_torch():
     x, target, _ = inputs("index")
-    with pytest.raises(RuntimeError, match=MESSAGE):
-        torch.autograd.functional.hessian(lambda x: fastce.cross_entropy(x, target), x.detach())
+    ours = torch.autograd.functional.hessian(lambda x: fastce.cross_entropy(x, target), x.detach())
+    theirs = torch.autograd.functional.hessian(lambda x: F.cross_entropy(x, target), x.detach())
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
-def test_derivative_through_grad_output_raises():
-    # d(grad_input)/d(grad_output) is a second-order path too.
+def test_inplace_backward_double_backward():
+    # create_graph=True: the gradient is a new tensor (the logits are not overwritten).
     x, target, _ = inputs("index")
-    loss = fastce.cross_entropy(x, target, reduction="none")
-    grad_out = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    g, = torch.autograd.grad(loss, x, grad_out, create_graph=True)
-    with pytest.raises(RuntimeError, match=MESSAGE):
-        g.sum().backward()
+    results = []
+    for fn, kw in ((fastce.cross_entropy, dict(inplace_backward=True)), (F.cross_entropy, {})):
+        xr = x.detach().clone().requires_grad_()
+        g, = torch.autograd.grad(fn(xr * 1.0, target, **kw), xr, create_graph=True)
+        results.append((g, torch.autograd.grad((g * g).sum(), xr)[0]))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
-def test_inplace_backward_double_backward_raises():
+def test_backward_op_gradgradcheck():
+    """The registered autograd of fastce::cross_entropy_backward (direct op users)."""
     x, target, _ = inputs("index")
-    loss = fastce.cross_entropy(x * 1.0, target, inplace_backward=True)
-    g, = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError, match=MESSAGE):
-        torch.autograd.grad(g.sum(), x)
+    loss, z_loss, lse, total_weight, _ = torch.ops.fastce.cross_entropy_forward(x.detach(), target, None)
+
+    def backward(x, grad_loss):
+        return torch.ops.fastce.cross_entropy_backward(grad_loss, torch.zeros_like(grad_loss), x, target, None,
+                                                       lse, total_weight)[0]
+    grad_loss = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    g = backward(xr, grad_loss)
+    v = torch.randn_like(g)
+    ours = torch.autograd.grad((g * v).sum(), (xr, grad_loss))
+    xt = x.detach().clone().requires_grad_()
+    gt, = torch.autograd.grad(F.cross_entropy(xt, target), xt, grad_loss, create_graph=True)
+    theirs = torch.autograd.grad((gt * v).sum(), (xt, grad_loss))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -346,10 +346,7 @@ CORNER_ERRORS = [
     pytest.param((torch.randn(0, 5), torch.zeros(0, dtype=torch.long)), {"weight": torch.ones(4)},
                  id="weight size with no rows"),
     pytest.param((torch.randn(5), torch.rand(5)), {"ignore_index": 1}, id="unbatched prob with ignore_index"),
-    pytest.param((torch.randn(3, 5).bfloat16(), torch.zeros(3, dtype=torch.long)), {"weight": torch.ones(5)},
-                 id="bf16 input float weight"),
-    pytest.param((torch.randn(3, 5).half(), torch.zeros(3, dtype=torch.long)),
-                 {"weight": torch.ones(5), "label_smoothing": 0.2}, id="fp16 input float weight smoothing"),
+    # (16-bit input with a float32 weight: accepted, unlike torch: tests/test_autocast.py)
     pytest.param((torch.randn(3, 5), torch.zeros(4)), {}, id="batch mismatch and float target"),
     pytest.param(([[1.0, 2.0]], torch.zeros(1, dtype=torch.long)), {}, id="list input"),
     pytest.param((torch.randn(3, 5), [0, 1, 2]), {}, id="list target"),

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fastce
-from fastce.linear import LinearCrossEntropyLoss, _backward_op, _forward_op, linear_cross_entropy
+from fastce._ops import LossOptions
+from fastce.linear import LinearCrossEntropyLoss, linear_cross_entropy
 from reference import reference_cross_entropy
 
 HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy")
@@ -173,11 +174,18 @@ def test_probability_target_grad_is_refused():
         linear_cross_entropy(x, w, y)
 
 
+_forward_op = torch.ops.fastce.linear_cross_entropy_forward.default
+_backward_op = torch.ops.fastce.linear_cross_entropy_backward.default
+
+
+def _options(reduction):
+    return LossOptions(reduction, -100, 0.1, 1.2, 4.0, 1e-3)
+
+
 def _op_args(device, reduction, grads, spatial=()):
     x, w, b = make(device, bias=True, spatial=spatial)
     t = class_targets(29, 37, device, shape=(29, *spatial))
-    return (x, w, b, t, torch.rand(37, device=device), reduction, -100, 0.1, 1.2, 4.0, 1e-3, 8,
-            *grads)
+    return (x, w, b, t, torch.rand(37, device=device), *_options(reduction), 8, *grads)
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
@@ -188,10 +196,10 @@ def test_opcheck_forward(device, reduction, grads):
 
 def test_opcheck_k_dim_and_backward(device):
     torch.library.opcheck(_forward_op, _op_args(device, 1, (True, True, True), spatial=(2,)))
-    x, w, b, t, weight, _, *opts, chunk, gi, gw, gb = _op_args(device, 0, (True, True, True))
-    loss, lse, *_ = _forward_op(x, w, b, t, weight, 0, *opts, chunk, False, False, False)
-    args = (torch.rand_like(loss), x.detach(), w.detach(), b.detach(), t, weight, lse, *opts,
-            chunk, gi, gw, gb)
+    x, w, b, t, weight, *_ = _op_args(device, 0, (True, True, True))
+    loss, lse, *_ = _forward_op(x, w, b, t, weight, *_options(0), 8, False, False, False)
+    args = (torch.rand_like(loss), x.detach(), w.detach(), b.detach(), t, weight, lse, *_options(0),
+            8, True, True, True)
     torch.library.opcheck(_backward_op, args)
 
 

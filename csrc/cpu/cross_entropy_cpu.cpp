@@ -31,7 +31,8 @@ struct Rows {
   double V;                        // the vocabulary label smoothing spreads over
   std::vector<int64_t> target;     // class-index targets: see kIgnored, kElsewhere
   std::vector<double> row_weight;  // weight of the row's loss (0 when ignored)
-  double total_weight = 0.0;       // the mean's divisor
+  double total_weight = 0.0;       // the mean's divisors: of the cross-entropy,
+  double counted = 0.0;            // and of the z-loss (the non-ignored rows)
   double weight_sum = 0.0;         // sum of the class weights of this input's classes
   double weight_sum_all = 0.0;     // ... of the whole vocabulary
 
@@ -74,7 +75,7 @@ struct Rows {
   void read_targets() {
     row_weight.assign(p.rows, 1.0);
     if (p.prob) {
-      total_weight = double(p.rows);
+      total_weight = counted = double(p.rows);
       return;
     }
     target.resize(p.rows);
@@ -92,6 +93,7 @@ struct Rows {
         target[r] = local >= 0 && local < p.classes ? local : kElsewhere;
         row_weight[r] = target[r] >= 0 ? class_weight(local) : 1.0;
         total_weight += row_weight[r];
+        counted += 1.0;
       }
     };
     switch (p.target.scalar_type()) {
@@ -101,10 +103,7 @@ struct Rows {
     }
   }
 
-  // total_weight as the op's output holds it (in the accumulation type).
-  double rounded_total_weight() const {
-    return p.acc_type == ScalarType::Double ? total_weight : double(float(total_weight));
-  }
+  Divisors divisors() const { return {total_weight, counted}; }
   int64_t pieces() const { return cpu::pieces_per_row(p.classes); }
   template <class F>
   void for_each_piece(F&& f) const { cpu::for_each_piece(p.rows, p.classes, f); }
@@ -157,11 +156,10 @@ double row_sum_wy(const Rows& rows, int64_t r) {
   return rows.p.prob ? rows.k.sum_wy(rows.cfg, rows.y_row(r), 0, rows.p.classes) : 0.0;
 }
 
-// Coefficients of the gradient of row r (not ignored) for the incoming gradients g of its
-// loss and g_z of its z-loss, both already divided by the mean's divisor.
-GradCoef row_grad_coef(const Rows& rows, int64_t r, double g, double g_z, const RowLse& l, double sum_wy) {
+// Coefficients of the gradient of row r (not ignored) for its incoming gradients (row_grads).
+GradCoef row_grad_coef(const Rows& rows, int64_t r, const RowGrads& g, const RowLse& l, double sum_wy) {
   const int64_t target = rows.p.prob ? -1 : std::max<int64_t>(rows.target[r], -1);
-  return grad_coef(l, g, g_z, rows.p.prob, rows.row_weight[r], target, rows.opt.label_smoothing, rows.V,
+  return grad_coef(l, g, rows.p.prob, rows.row_weight[r], target, rows.opt.label_smoothing, rows.V,
                    rows.weight_sum_all, rows.opt.lse_square_scale, sum_wy);
 }
 
@@ -191,6 +189,12 @@ struct GradOut {
   }
 };
 
+// The mean's divisors as the op's total_weight output holds them (rounded to its dtype).
+Divisors divisors_of(const Tensor& total_weight) {
+  const std::vector<double> d = to_doubles(total_weight, 2, "total_weight");
+  return {d[0], d[1]};
+}
+
 // The (reduced) loss and z-loss outputs from the per-row values.
 std::pair<Tensor, Tensor> loss_outputs(const Rows& rows, const std::vector<double>& loss,
                                        const std::vector<double>& zloss, const Tensor& input, ScalarType dtype) {
@@ -202,9 +206,8 @@ std::pair<Tensor, Tensor> loss_outputs(const Rows& rows, const std::vector<doubl
     sum += loss[r];
     zsum += zloss[r];
   }
-  const int64_t red = rows.opt.reduction;
-  return {from_doubles({reduce_sum(sum, rows.total_weight, red)}, {}, dtype, input),
-          from_doubles({reduce_sum(zsum, rows.total_weight, red)}, {}, dtype, input)};
+  const Reduced red = reduce_losses(sum, zsum, rows.divisors(), rows.opt.reduction);
+  return {from_doubles({red.loss}, {}, dtype, input), from_doubles({red.z_loss}, {}, dtype, input)};
 }
 
 // The gradient for unit grad_loss and zero grad_z_loss, as the backward op computes it.
@@ -240,22 +243,21 @@ struct Cpu {
       if (np > 1) merged = merge_pieces(&stats[r * np], np);
       const cpu::PieceStats& st = np > 1 ? merged : stats[r * np];  // no copy: see piece_stats_t
       const RowLse l = lse_of(st);
-      zloss[r] = z_loss(opt.lse_square_scale, rows.row_weight[r], full(l));
+      zloss[r] = z_loss(opt.lse_square_scale, full(l));
       loss[r] = row_loss(rows, r, st, l) + zloss[r];
       lse[r] = full(l);
       return l;
     };
 
     ForwardResult out;
-    out.total_weight = from_doubles({rows.total_weight}, {}, p.acc_type, input);
+    out.total_weight = from_doubles({rows.total_weight, rows.counted}, {2}, p.acc_type, input);
     Tensor gx2d;
     if (compute_grad) gx2d = new_grad_buffer(p, input);
     const bool grad_in_pass =
         compute_grad && p.classes > 0 && (np == 1 || p.rows >= 4 * int64_t(torch::stable::get_num_threads()));
     if (grad_in_pass) {
       const GradOut gout(&gx2d, nullptr);
-      const double div = grad_divisor(rows.rounded_total_weight(), opt.reduction);
-      const double g = 1.0 / div, g_z = 0.0 / div;  // as the backward op computes them
+      const RowGrads g = row_grads(1.0, 0.0, divisors_of(out.total_weight), opt.reduction);  // as the backward op
       const int64_t grain = std::max<int64_t>(1, kMinChunk / std::max<int64_t>(1, p.classes));
       cpu::parallel_rows(p.rows, grain, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
@@ -264,7 +266,7 @@ struct Cpu {
             continue;
           }
           row_piece_stats(rows, r, &stats[r * np]);
-          const GradCoef k = row_grad_coef(rows, r, g, g_z, finish_row(r), row_sum_wy(rows, r));
+          const GradCoef k = row_grad_coef(rows, r, g, finish_row(r), row_sum_wy(rows, r));
           gout.write(rows, r, 0, p.classes, &k);
         }
       });
@@ -298,7 +300,7 @@ struct Cpu {
   static void backward_rows(const Rows& rows, const BackwardArgs& b, Tensor& gx2d, Tensor* gy2d) {
     const Problem& p = rows.p;
     const bool per_row = b.opt.reduction == kNone;
-    const double div = grad_divisor(to_doubles(b.total_weight, 1, "total_weight")[0], b.opt.reduction);
+    const Divisors div = divisors_of(b.total_weight);
     const int64_t n_grad = per_row ? p.rows : 1;
     const std::vector<double> gl = to_doubles(b.grad_loss, n_grad, "grad_loss");
     const std::vector<double> gz = to_doubles(b.grad_z_loss, n_grad, "grad_z_loss");
@@ -334,7 +336,8 @@ struct Cpu {
     rows.for_each_piece([&](int64_t, int64_t r, int64_t begin, int64_t end) {
       if (rows.ignored(r)) return out.write(rows, r, begin, end, nullptr);
       const int64_t i = per_row ? r : 0;
-      const GradCoef k = row_grad_coef(rows, r, gl[i] / div, gz[i] / div, lse_of_row(r), p.prob ? sum_wy[r] : 0.0);
+      const GradCoef k = row_grad_coef(rows, r, row_grads(gl[i], gz[i], div, b.opt.reduction), lse_of_row(r),
+                                       p.prob ? sum_wy[r] : 0.0);
       out.write(rows, r, begin, end, &k);
     });
   }

@@ -27,19 +27,19 @@ __device__ __forceinline__ bool recomputes_lse(const BackwardArgs& a, int64_t r)
 }
 
 // The gradient coefficients of row r (not ignored): rules.h's grad_coef, with the row's
-// incoming gradients divided by the mean's divisor.
+// incoming gradients divided by the mean's divisors (rules.h: row_grads).
 template <class A, bool Prob>
 __device__ __forceinline__ GradCoef row_grad_coef(const BackwardArgs& a, int64_t r, const RowLse& l,
                                                   const RowTarget& t, double sum_wy) {
   const Rows& v = a.v;
   const A* w = static_cast<const A*>(v.weight);
   const int64_t i = v.opt.reduction == kNone ? r : 0;
-  const double div = grad_divisor(value_at(a.total_weight, 0, 0.0), v.opt.reduction);
-  const double g = value_at(a.grad_loss, i, 1.0) / div, g_z = value_at(a.grad_zloss, i, 0.0) / div;
+  const Divisors div{value_at(a.total_weight, 0, 0.0), value_at(a.total_weight, 1, 0.0)};
+  const RowGrads g = row_grads(value_at(a.grad_loss, i, 1.0), value_at(a.grad_zloss, i, 0.0), div, v.opt.reduction);
   const double w_r = t.local >= 0 && w != nullptr ? double(w[t.local]) : 1.0;
   const double V = double(vocabulary(v.opt, v.classes));
   const double weight_sum_all = v.opt.vocab_size >= 0 ? V : class_weight_sum(v);  // slices take no weights
-  return grad_coef(l, g, g_z, Prob, w_r, t.local, v.opt.label_smoothing, V, weight_sum_all,
+  return grad_coef(l, g, Prob, w_r, t.local, v.opt.label_smoothing, V, weight_sum_all,
                    v.opt.lse_square_scale, sum_wy);
 }
 

@@ -130,10 +130,10 @@ struct Cuda {
     Tensor lse = empty_on(input, {p.rows}, ScalarType::Double);
     Tensor row_weight = empty_on(input, {p.rows}, ScalarType::Double);
     Tensor row_loss, row_zloss, partial, reduce_partial;
-    out.total_weight = empty_on(input, {}, p.acc_type);
+    out.total_weight = empty_on(input, {2}, p.acc_type);  // the mean's divisors (rules.h: Divisors)
     if (view.rows.chunks > 1) partial = empty_on(input, {p.rows * view.rows.chunks * cuda::kPartialValues}, p.acc_type);
     const int64_t parts = cuda::reduce_parts(p.rows);
-    if (parts > 1) reduce_partial = empty_on(input, {3 * parts}, ScalarType::Double);
+    if (parts > 1) reduce_partial = empty_on(input, {cuda::kReduceSums * parts}, ScalarType::Double);
     if (reduced) {
       row_loss = empty_on(input, {p.rows}, ScalarType::Double);
       row_zloss = empty_on(input, {p.rows}, ScalarType::Double);
@@ -176,7 +176,7 @@ struct Cuda {
     const int64_t n_grad = b.opt.reduction == kNone ? p.rows : 1;
     const Tensor gl = incoming(b.grad_loss, n_grad, "grad_loss", p.logits);
     const Tensor gz = incoming(b.grad_z_loss, n_grad, "grad_z_loss", p.logits);
-    const Tensor tw = incoming(b.total_weight, 1, "total_weight", p.logits);
+    const Tensor tw = incoming(b.total_weight, 2, "total_weight", p.logits);
     Tensor lse = incoming(b.lse, p.rows, "lse", p.logits);
     if (lse.scalar_type() != ScalarType::Double) lse = torch::stable::to(lse, ScalarType::Double);
     const cudaStream_t stream = current_stream(p.logits);

@@ -81,7 +81,7 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
     const double z_t = here ? double(tf.z(A(load1(xr + t.local)))) : 0.0;
     ce = class_row_loss(l, here, w_r, z_t, eps, double(vocabulary(v.opt, v.classes)), class_weight_sum(v), sums);
   }
-  const double zl = z_loss(v.opt.lse_square_scale, w_r, full(l));
+  const double zl = z_loss(v.opt.lse_square_scale, full(l));
   write_row(a, r, full(l), ce + zl, zl, w_r);
 }
 
@@ -125,65 +125,76 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const __grid_constant__
   });
 }
 
-// Sums three values per thread over one block, then a fixed tree: the same order on every run
+// Sums four values per thread over one block, then a fixed tree: the same order on every run
 // (no atomics).
-__device__ void block_sum(double (&v)[3]) {
-  __shared__ double sh[3][kReduceThreads];
-  for (int i = 0; i < 3; ++i) sh[i][threadIdx.x] = v[i];
+constexpr int kSums = kReduceSums;
+__device__ void block_sum(double (&v)[kSums]) {
+  __shared__ double sh[kSums][kReduceThreads];
+  for (int i = 0; i < kSums; ++i) sh[i][threadIdx.x] = v[i];
   __syncthreads();
   for (int half = kReduceThreads / 2; half > 0; half /= 2) {
     if (int(threadIdx.x) < half)
-      for (int i = 0; i < 3; ++i) sh[i][threadIdx.x] += sh[i][threadIdx.x + half];
+      for (int i = 0; i < kSums; ++i) sh[i][threadIdx.x] += sh[i][threadIdx.x + half];
     __syncthreads();
   }
-  for (int i = 0; i < 3; ++i) v[i] = sh[i][0];
+  for (int i = 0; i < kSums; ++i) v[i] = sh[i][0];
 }
 
-// The sums of the three arrays (a null one sums to 0) over [b, e), each thread over a fixed
-// stride, then block_sum.
-__device__ void block_sums(const double* const (&src)[3], int64_t b, int64_t e, double (&sums)[3]) {
-  for (int i = 0; i < 3; ++i) sums[i] = 0.0;
+// The four sums the reduction needs (losses, z-losses, weights, non-ignored rows) over the rows
+// [b, e) (parts == 1; the losses only for 'mean'/'sum'), or over the first stage's parts [b, e)
+// (parts > 1), each thread over a fixed stride, then block_sum.
+__device__ void reduce_sums(const ForwardArgs& a, int64_t parts, int64_t b, int64_t e, double (&sums)[kSums]) {
+  for (int i = 0; i < kSums; ++i) sums[i] = 0.0;
+  const bool losses = a.row_loss != nullptr;
 #pragma unroll 4
-  for (int64_t j = b + threadIdx.x; j < e; j += kReduceThreads)
-    for (int i = 0; i < 3; ++i)
-      if (src[i] != nullptr) sums[i] += src[i][j];
+  for (int64_t j = b + threadIdx.x; j < e; j += kReduceThreads) {
+    if (parts > 1) {
+      for (int i = 0; i < kSums; ++i) sums[i] += a.reduce_partial[i * parts + j];
+    } else {
+      if (losses) {
+        sums[0] += a.row_loss[j];
+        sums[1] += a.row_zloss[j];
+      }
+      sums[2] += a.row_weight[j];
+      sums[3] += ignored_row(a.v, j) ? 0.0 : 1.0;
+    }
+  }
   block_sum(sums);
 }
 
-// First stage of a long reduction (reduce_parts(rows) > 1): block k sums the per-row losses,
-// z-losses and weights of rows [k * kReduceRowsPerBlock, (k + 1) * kReduceRowsPerBlock) into
-// reduce_partial[i * parts + k]. Fixed ranges and order: deterministic.
+// First stage of a long reduction (reduce_parts(rows) > 1): block k sums rows
+// [k * kReduceRowsPerBlock, (k + 1) * kReduceRowsPerBlock) into reduce_partial[i * parts + k].
+// Fixed ranges and order: deterministic.
 __global__ void __launch_bounds__(kReduceThreads) partial_sums_kernel(const __grid_constant__ ForwardArgs a) {
   const int64_t b = int64_t(blockIdx.x) * kReduceRowsPerBlock;
   const int64_t e = b + kReduceRowsPerBlock < a.v.rows ? b + kReduceRowsPerBlock : a.v.rows;
-  const double* const src[3] = {a.row_loss, a.row_zloss, a.row_weight};
-  double sums[3];
-  block_sums(src, b, e, sums);
+  double sums[kSums];
+  reduce_sums(a, 1, b, e, sums);
   if (threadIdx.x == 0)
-    for (int i = 0; i < 3; ++i) a.reduce_partial[i * int64_t(gridDim.x) + blockIdx.x] = sums[i];
+    for (int i = 0; i < kSums; ++i) a.reduce_partial[i * int64_t(gridDim.x) + blockIdx.x] = sums[i];
 }
 
-// The per-row losses, z-losses and weights (or the first stage's partial sums of them, parts >
-// 1) summed in a fixed order: the total weight and, for 'mean' and 'sum', the reduced loss and
-// z-loss (rules.h: reduce_sum).
+// The per-row losses, z-losses and weights (or the first stage's sums of them, parts > 1)
+// summed in a fixed order: the mean's divisors (the total weight, the non-ignored rows) and,
+// for 'mean' and 'sum', the reduced loss and z-loss (rules.h: reduce_losses).
 __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const __grid_constant__ ForwardArgs a, int64_t parts) {
-  const bool staged = parts > 1;
-  const double* const src[3] = {staged ? a.reduce_partial : a.row_loss, staged ? a.reduce_partial + parts : a.row_zloss,
-                                staged ? a.reduce_partial + 2 * parts : a.row_weight};
-  double sums[3];
-  block_sums(src, 0, staged ? parts : a.v.rows, sums);
+  double sums[kSums];
+  reduce_sums(a, parts, 0, parts > 1 ? parts : a.v.rows, sums);
   if (threadIdx.x == 0) {
-    store_as(a.v.dtype == Dtype::Float64 ? Dtype::Float64 : Dtype::Float32, a.total_weight, 0, sums[2]);
+    const Dtype acc = a.v.dtype == Dtype::Float64 ? Dtype::Float64 : Dtype::Float32;
+    store_as(acc, a.total_weight, 0, sums[2]);
+    store_as(acc, a.total_weight, 1, sums[3]);
     if (a.v.opt.reduction != kNone) {
-      store_as(a.loss_dtype, a.loss_out, 0, reduce_sum(sums[0], sums[2], a.v.opt.reduction));
-      store_as(a.loss_dtype, a.zloss_out, 0, reduce_sum(sums[1], sums[2], a.v.opt.reduction));
+      const Reduced red = reduce_losses(sums[0], sums[1], Divisors{sums[2], sums[3]}, a.v.opt.reduction);
+      store_as(a.loss_dtype, a.loss_out, 0, red.loss);
+      store_as(a.loss_dtype, a.zloss_out, 0, red.z_loss);
     }
   }
 }
 
 template <class A>
 __global__ void __launch_bounds__(kReduceThreads) weight_sum_kernel(const A* w, int64_t n, double* out) {
-  double sums[3] = {0.0, 0.0, 0.0};
+  double sums[kSums] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) sums[0] += double(w[i]);
   block_sum(sums);

@@ -43,11 +43,11 @@ struct ForwardArgs {
   double* row_zloss;      // (rows,) 'mean'/'sum': each row's z-loss
   double* row_weight;     // (rows,) the weight of each row's loss (0 when ignored)
   void* partial;          // (rows * chunks * kPartialValues) acc scratch, when chunks > 1
-  double* reduce_partial; // (3 * reduce_parts(rows)) scratch, when reduce_parts(rows) > 1
+  double* reduce_partial; // (kReduceSums * reduce_parts(rows)) scratch, when reduce_parts(rows) > 1
   Dtype loss_dtype;
   void* loss_out;         // of loss_dtype: 0-d ('mean'/'sum'), or (rows,) ('none': written per row)
   void* zloss_out;        // the same for the z-loss
-  void* total_weight;     // 0-d acc: the mean's divisor
+  void* total_weight;     // (2,) acc: the mean's divisors (rules.h: Divisors)
 };
 
 // The reduction over rows: one block of reduce_kernel up to kReduceRowsPerBlock rows; beyond,
@@ -57,6 +57,7 @@ struct ForwardArgs {
 #define FASTCE_REDUCE_ROWS_PER_BLOCK 4096
 #endif
 constexpr int64_t kReduceRowsPerBlock = FASTCE_REDUCE_ROWS_PER_BLOCK;
+constexpr int kReduceSums = 4;  // losses, z-losses, weights, non-ignored rows
 inline int64_t reduce_parts(int64_t rows) {
   return rows <= kReduceRowsPerBlock ? 1 : (rows + kReduceRowsPerBlock - 1) / kReduceRowsPerBlock;
 }
@@ -76,7 +77,7 @@ struct BackwardArgs {
   Rows v;
   Values grad_loss;     // (rows,) when reduction is none, else (1,); absent: 1 (unit gradient)
   Values grad_zloss;    // same shape; absent: 0
-  Values total_weight;  // (1,)
+  Values total_weight;  // (2,): the mean's divisors
   const double* lse;    // (rows,)
   double* sum_wy;       // (rows,) scratch, split rows with probability targets: sum_c w_c y_c
   RowLse* huge_lse;     // (rows,) scratch, split rows (not of a vocabulary slice, which keeps

@@ -10,6 +10,11 @@ from ._ops import REDUCTIONS, LossOptions, cross_entropy_loss
 _ARGUMENT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
 
 
+def is_dtensor(t) -> bool:
+    """Whether t is a torch.distributed DTensor (without importing torch.distributed)."""
+    return type(t) is not torch.Tensor and hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
 def as_torch_target(target):
     """The target as torch takes it: fastce also takes int32 class indices."""
     return target.long() if target.dtype == torch.int32 else target
@@ -65,6 +70,7 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
     inplace_backward: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
 ):
     """Cross-entropy between logits and targets; a drop-in for
     ``torch.nn.functional.cross_entropy`` (same arguments, results, gradients and errors).
@@ -74,11 +80,23 @@ def cross_entropy(
     - ``logit_scale``: logits are multiplied by it first: ``z = logit_scale * input``.
     - ``softcap``: then soft-capped: ``z = softcap * tanh(z / softcap)``.
     - ``lse_square_scale``: z-loss; each non-ignored row adds
-      ``lse_square_scale * logsumexp(z) ** 2`` (times the row's class weight).
+      ``lse_square_scale * logsumexp(z) ** 2``, not weighted by ``weight``; 'mean' divides it
+      by the number of non-ignored rows (Liger-Kernel's definition).
     - ``return_z_loss``: also return the z-loss part alone, reduced the same way.
     - ``inplace_backward``: backward writes the gradient into ``input``'s storage instead of a
       new buffer. ``input`` must not be a leaf, and must not be used after the backward pass.
+    - ``loss_dtype``: the dtype of the loss and z-loss (default: the input's, as torch; under
+      ``torch.autocast``, float32 for 16-bit input, as torch). ``torch.float32`` gives 16-bit
+      logits a float32 loss without rounding it to 16 bits (as flash-attn and quack return it).
+      The gradient keeps the input's dtype.
     """
+    if is_dtensor(input):  # torch's loss_parallel() pattern, and batch-sharded logits
+        from .parallel import dtensor_cross_entropy
+        if size_average is not None or reduce is not None:
+            reduction = _legacy_reduction(size_average, reduce)
+        _reduction_enum(reduction)
+        return dtensor_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale,
+                                     softcap, lse_square_scale, return_z_loss, loss_dtype)
     _check_argument_types(input, target, weight, ignore_index, label_smoothing)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
@@ -97,7 +115,7 @@ def cross_entropy(
     options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
                           None if softcap is None else float(softcap), float(lse_square_scale))
     try:
-        loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward))
+        loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward), loss_dtype)
     except _ARGUMENT_ERRORS as error:
         raise_as_torch(error, lambda: torch.nn.functional.cross_entropy(
             input, as_torch_target(target), weight, ignore_index=ignore_index, reduction=reduction,

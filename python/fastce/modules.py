@@ -29,6 +29,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         lse_square_scale: float = 0.0,
         return_z_loss: bool = False,
         inplace_backward: bool = False,
+        loss_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         if size_average is not None or reduce is not None:
@@ -38,6 +39,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.lse_square_scale = lse_square_scale
         self.return_z_loss = return_z_loss
         self.inplace_backward = inplace_backward
+        self.loss_dtype = loss_dtype
 
     def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(
@@ -45,7 +47,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             logit_scale=self.logit_scale, softcap=self.softcap,
             lse_square_scale=self.lse_square_scale, return_z_loss=self.return_z_loss,
-            inplace_backward=self.inplace_backward)
+            inplace_backward=self.inplace_backward, loss_dtype=self.loss_dtype)
 
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
@@ -59,4 +61,6 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             parts.append(f"lse_square_scale={self.lse_square_scale}")
         if self.inplace_backward:
             parts.append("inplace_backward=True")
+        if self.loss_dtype is not None:
+            parts.append(f"loss_dtype={self.loss_dtype}")
         return ", ".join(parts)

@@ -23,7 +23,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from ._ops import LossOptions, call, ops
-from .functional import _reduction_enum
+from .functional import _reduction_enum, is_dtensor
 
 _NONE, _MEAN, _SUM = 0, 1, 2
 _REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
@@ -91,6 +91,10 @@ class _VocabParallelLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, *_):
+        if torch.is_grad_enabled():  # the gradient below is not recorded: say so, never a zero
+            raise NotImplementedError(
+                "fastce.parallel: double backward (create_graph=True) through the vocabulary-parallel loss "
+                "is not supported")
         logits, target, lse, total_weight = ctx.saved_tensors
         grad_logits, _ = call(ops.cross_entropy_backward.default, grad, torch.zeros_like(grad), logits, target,
                               None, lse, total_weight, *ctx.options._replace(reduction=_NONE))
@@ -110,6 +114,7 @@ def vocab_parallel_cross_entropy(
     lse_square_scale: float = 0.0,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Cross-entropy of logits whose classes are split across the ranks of ``group``.
 
@@ -125,7 +130,7 @@ def vocab_parallel_cross_entropy(
     size) spare one exchange of the shard sizes when given; under ``torch.compile`` give them
     (the exchange reads its result on the host). ``logit_scale``, ``softcap`` and
     ``lse_square_scale`` are those of ``fastce.cross_entropy``. Every rank must call this with
-    the same options and row count.
+    the same options and row count. ``loss_dtype``: the loss's dtype (default: the logits').
     """
     reduction_enum = _reduction_enum(reduction)
     if target.is_floating_point():
@@ -138,9 +143,84 @@ def vocab_parallel_cross_entropy(
                           None if softcap is None else float(softcap), float(lse_square_scale),
                           int(vocab_start), int(vocab_size))
     loss, _, total_weight = _VocabParallelLoss.apply(logits, target, options, group)
+    loss_dtype = logits.dtype if loss_dtype is None else loss_dtype
     if reduction_enum == _NONE:
-        return loss.to(logits.dtype)
+        return loss.to(loss_dtype)
     total = loss.sum()
-    if reduction_enum == _MEAN:
-        total = total / total_weight
-    return total.to(logits.dtype)
+    if reduction_enum == _MEAN:  # no class weights here: the two divisors are the same
+        total = total / total_weight[0]
+    return total.to(loss_dtype)
+
+
+# ---- DTensor logits --------------------------------------------------------------------------
+
+def _local_target(target, mesh, placements):
+    """The target rows of this rank's logits: a DTensor target is laid out like them; a plain
+    one is the global target, the same on every rank (as torch's loss_parallel takes it)."""
+    from torch.distributed.tensor import distribute_tensor
+    if not placements:  # the whole target
+        return target.full_tensor() if is_dtensor(target) else target
+    if is_dtensor(target):
+        return target.redistribute(mesh, placements).to_local()
+    return distribute_tensor(target, mesh, placements).to_local()
+
+
+def dtensor_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, logit_scale, softcap,
+                          lse_square_scale, return_z_loss, loss_dtype):
+    """fastce.cross_entropy of DTensor logits on a one-dimensional mesh:
+
+    - sharded on the class dimension: the vocabulary-parallel loss over the mesh's group (what
+      torch's ``loss_parallel()`` + ``F.cross_entropy`` gives), replicated on every rank;
+    - sharded on the batch dimension (``Shard(0)``): each rank's rows, reduced over the global
+      batch: 'mean' divides by the global total weight (a ``Partial`` sum), 'none' stays
+      ``Shard(0)``;
+    - replicated: computed locally, replicated.
+
+    Anything else (class weights or probabilities or return_z_loss with a class-sharded input,
+    a mesh of more dimensions, other placements) is computed on the replicated logits.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from .functional import cross_entropy
+    from .linear import _mean, _total_weight
+    mesh, placements = input.device_mesh, tuple(input.placements)
+    class_dim = 0 if input.dim() == 1 else 1
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, logit_scale=logit_scale,
+                   softcap=softcap, lse_square_scale=lse_square_scale, loss_dtype=loss_dtype)
+    one_dim = mesh.ndim == 1
+    index_target = not (target.is_floating_point() and tuple(target.shape) == tuple(input.shape))
+
+    def replicated(t):
+        return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+    if one_dim and placements == (Shard(class_dim),) and index_target and weight is None and not return_z_loss:
+        loss = vocab_parallel_cross_entropy(
+            input.to_local(), _local_target(target, mesh, ()), group=mesh.get_group(), reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap,
+            lse_square_scale=lse_square_scale, loss_dtype=loss_dtype)
+        return replicated(loss)
+    if one_dim and placements == (Shard(0),) and input.dim() >= 2:
+        x = input.to_local()
+        t = _local_target(target, mesh, [Shard(0)])
+        w = weight.full_tensor() if is_dtensor(weight) else weight
+        if reduction == "none":
+            out = cross_entropy(x, t, w, reduction="none", return_z_loss=return_z_loss, **options)
+            rows = (input.shape[0], *input.shape[2:])  # global (shards may be uneven)
+            strides = torch.empty(rows, device="meta").stride()
+            shard = lambda v: DTensor.from_local(v, mesh, [Shard(0)], run_check=False,  # noqa: E731
+                                                 shape=rows, stride=strides)
+            return tuple(map(shard, out)) if return_z_loss else shard(out)
+        loss, z = cross_entropy(x, t, w, reduction="sum", return_z_loss=True, **options)
+        if reduction == "mean":  # over the global batch: the divisors summed over the ranks
+            divisors = _total_weight(t, w, x.shape[class_dim], ignore_index, not index_target,
+                                     torch.float64).detach().clone()
+            dist.all_reduce(divisors, group=mesh.get_group())
+            loss, z = _mean(loss.double(), z.double(), divisors).to(loss.dtype), (z.double() / divisors[1]).to(z.dtype)
+        partial = lambda v: DTensor.from_local(v, mesh, [Partial()], run_check=False)  # noqa: E731
+        return (partial(loss), partial(z)) if return_z_loss else partial(loss)
+    # Replicated, or what the paths above do not take: the whole logits on every rank.
+    x = input.to_local() if all(p.is_replicate() for p in placements) else input.full_tensor()
+    t = target.full_tensor() if is_dtensor(target) else target
+    w = weight.full_tensor() if is_dtensor(weight) else weight
+    out = cross_entropy(x, t, w, reduction=reduction, return_z_loss=return_z_loss, **options)
+    return tuple(map(replicated, out)) if return_z_loss else replicated(out)

@@ -104,7 +104,7 @@ extern "C" int64_t emu_forward(const EmuProblem* p, const LossOptions* opt, int 
   Guarded<double> partial(size_t(p->rows * a.v.chunks * kPartialValues));
   a.partial = a.v.chunks > 1 ? partial.data : nullptr;
   const int64_t parts = reduce_parts(p->rows);
-  Guarded<double> reduce_partial(size_t(3 * parts));
+  Guarded<double> reduce_partial(size_t(kReduceSums * parts));
   a.reduce_partial = parts > 1 ? reduce_partial.data : nullptr;
   a.loss_dtype = Dtype(loss_dtype); a.loss_out = loss; a.zloss_out = zloss; a.total_weight = total_weight;
   launch_forward(a, nullptr);

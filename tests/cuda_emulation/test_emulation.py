@@ -170,7 +170,7 @@ class Kernels:
         row_loss, row_zloss = ((nan_empty((rows,), torch.float64) for _ in range(2)) if reduced else (None, None))
         shape = () if reduced else (rows,)
         loss, zloss = nan_empty(shape, loss_dtype), nan_empty(shape, loss_dtype)
-        tw = nan_empty((), acc_dtype(self.x))
+        tw = nan_empty((2,), acc_dtype(self.x))  # the mean's divisors
         with Watched(self.lib, self.inputs(), [lse, row_weight, row_loss, row_zloss, loss, zloss, tw]):
             chunks = self.lib.emu_forward(ctypes.byref(self.problem), ctypes.byref(self.options), self.sm,
                                           DT[loss_dtype], *map(ptr, (lse, row_loss, row_zloss, row_weight, loss, zloss,
@@ -214,7 +214,8 @@ def test_options_layout_matches_the_ops():
 
 OPTIONS = [  # prob, weight, label_smoothing, softcap, lse_square_scale, reduction
     (False, False, 0.0, 0.0, 0.0, 1), (False, True, 0.1, 0.0, 0.01, 0), (False, True, 0.0, 5.0, 0.0, 2),
-    (True, False, 0.0, 0.0, 0.0, 1), (True, True, 0.2, 3.0, 0.01, 0)]
+    (True, False, 0.0, 0.0, 0.0, 1), (True, True, 0.2, 3.0, 0.01, 0),
+    (False, True, 0.1, 0.0, 0.05, 1)]  # the z-loss's mean over the rows, the cross-entropy's over the weights
 SHAPES = [(5, 37, 132), (3, 3001, 1), (2, 9000, 1), (1, 1, 132)]  # rows, classes, SMs (1: split rows)
 
 
@@ -259,6 +260,7 @@ CPU_CASES = [  # options of the ops, and whether the target holds probabilities 
     dict(reduction=0, label_smoothing=0.2, prob=True, weight=True),
     dict(reduction=0, label_smoothing=0.1, class_offset=20, vocab_size=90),  # a vocabulary slice
     dict(reduction=1, softcap=6.0, lse_square_scale=1e-3, class_offset=0, vocab_size=41),
+    dict(reduction=1, lse_square_scale=5e-2, weight=True, ignore_index=3),  # two divisors
 ]
 
 
@@ -340,7 +342,7 @@ def test_slice_targets_elsewhere_and_out_of_range(lib):
     x = torch.randn(4, 10)
     k = Kernels(lib, x, torch.tensor([0, 35, -100, 5]), class_offset=10, vocab_size=40)
     chunks, loss, _, lse, tw = k.forward()
-    assert chunks == 1 and tw.item() == 3  # a target elsewhere counts as a row of weight 1
+    assert chunks == 1 and tw.tolist() == [3, 3]  # a target elsewhere counts as a row of weight 1, and as a row
     for bad in (40, -1):
         k = Kernels(lib, x, torch.tensor([0, bad, 1, 2]), class_offset=10, vocab_size=40)
         assert k.forward()[0] == -1
@@ -458,7 +460,8 @@ def test_reduction_over_many_rows(lib, red):
     torch.testing.assert_close(loss, rl, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(zl, rz, rtol=1e-12, atol=1e-12)
     kept = t != -100
-    torch.testing.assert_close(tw, w[t[kept]].sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(tw[0], w[t[kept]].sum(), rtol=1e-12, atol=0)
+    assert tw[1] == kept.sum()
 
 
 def test_deterministic_split_rows(lib):
