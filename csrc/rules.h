@@ -232,3 +232,105 @@ FASTCE_RULE GradCoef grad_coef(const RowLse& l, const RowGrads& rg, bool prob, d
 }
 
 }  // namespace fastce
+
+// ---- per-token outputs: log-probs and entropy (fastce.token_logprobs, fastce.entropy) -------
+// The rules of the token ops (csrc/cpu/token_*.cpp, python/fastce/token.py), kept apart from
+// the loss's rules above.
+namespace fastce {
+
+// The options of the token ops, in their schemas' order (csrc/ops.cpp: kTokenOptionsSchema;
+// python/fastce/token.py: TokenOptions).
+struct TokenOptions {
+  double temperature = 1.0;
+  double logit_scale = 1.0;
+  double softcap = 0.0;  // 0: off
+};
+
+// The token ops' logit transform: logit_scale, then softcap, then / temperature. The
+// temperature is folded into the loss's transform (its scale and cap), so that z and
+// dz/dx come from the same rules: z = cap/T * tanh(x * scale/cap) or z = x * scale/T.
+template <class A>
+FASTCE_RULE LogitTransform<A> token_transform(const TokenOptions& o) {
+  const double inv_t = 1.0 / o.temperature;
+  return {A(o.logit_scale * inv_t), A(o.softcap * inv_t), o.softcap > 0 ? A(o.logit_scale / o.softcap) : A(0)};
+}
+// Whether the transform is the identity (z = x: no multiply).
+FASTCE_RULE bool token_identity(const TokenOptions& o) {
+  return o.softcap <= 0 && o.logit_scale / o.temperature == 1.0;
+}
+
+// A row's statistics for the log-probs and the entropy, relative to its running max m:
+//   sumexp = sum_c exp(z_c - m),  sum_ed = sum_c exp(z_c - m) * (z_c - m)
+// A class with z = -inf (a masked token) has zero probability and adds nothing to either
+// (the kernels skip its 0 * -inf). Merged left to right; a block whose max is -inf is empty.
+// argmax (when the kernels track it): the index of the row's first NaN if it has one, else of
+// its first largest z (the first class when all are -inf), as torch.argmax; -1: none yet.
+struct TokenStats {
+  double max = -INFINITY;
+  double sumexp = 0.0;
+  double sum_ed = 0.0;
+  bool has_nan = false;
+  int64_t argmax = -1;
+};
+// Whether b's argmax replaces a's: a NaN first, then the larger max, then (a tie) the lower
+// index. Symmetric, so that pieces may merge in any order (the CUDA butterfly).
+FASTCE_RULE bool token_argmax_wins(const TokenStats& a, const TokenStats& b) {
+  if (b.argmax < 0) return false;
+  if (a.argmax < 0) return true;
+  if (a.has_nan != b.has_nan) return b.has_nan;
+  if (!a.has_nan && a.max != b.max) return b.max > a.max;
+  return b.argmax < a.argmax;
+}
+// b follows a in the row. Rebasing a's sums to a larger max M: each exp(z - m) gains the
+// factor alpha = exp(m - M) and each (z - m) becomes (z - m) + (m - M).
+FASTCE_RULE void merge_token_stats(TokenStats& a, const TokenStats& b) {
+  if (token_argmax_wins(a, b)) a.argmax = b.argmax;
+  a.has_nan = a.has_nan || b.has_nan;
+  if (b.max == -INFINITY) return;  // nothing but -inf (and NaN): no mass
+  if (a.max == -INFINITY) {
+    a.max = b.max;
+    a.sumexp = b.sumexp;
+    a.sum_ed = b.sum_ed;
+    return;
+  }
+  if (b.max > a.max) {
+    const double d = a.max - b.max, alpha = std::exp(d);
+    a.sum_ed = alpha * (a.sum_ed + d * a.sumexp) + b.sum_ed;
+    a.sumexp = alpha * a.sumexp + b.sumexp;
+    a.max = b.max;
+  } else {
+    const double d = b.max - a.max, beta = std::exp(d);
+    a.sum_ed += beta * (b.sum_ed + d * b.sumexp);
+    a.sumexp += beta * b.sumexp;
+  }
+}
+// The row's log-sum-exp: NaN with a NaN logit, -inf when every logit is -inf (as torch's
+// log_softmax then gives NaN log-probs: -inf - -inf).
+FASTCE_RULE double token_lse(const TokenStats& s) {
+  if (s.has_nan) return NAN;
+  return s.max == -INFINITY ? -INFINITY : s.max + std::log(s.sumexp);
+}
+// The entropy -sum_c p_c log p_c = lse - sum_c p_c z_c = log(sumexp) - sum_ed / sumexp: finite
+// for a row with masked (-inf) classes, NaN for a row that is all -inf (no distribution).
+FASTCE_RULE double token_entropy(const TokenStats& s) {
+  if (s.has_nan || s.max == -INFINITY) return NAN;
+  return std::log(s.sumexp) - s.sum_ed / s.sumexp;
+}
+// log p_k = z_k - lse: -inf for a masked token of a row with mass.
+FASTCE_RULE double token_logprob(double z_k, double lse) { return z_k - lse; }
+
+// The gradient of a row in z-space for the incoming gradients g_k of its log-probs (summed:
+// g_sum) and g_h of its entropy, with mean_z = sum_c p_c z_c = lse - entropy:
+//   d/dz_c = sum_k g_k [c == index_k] - p_c (g_sum + g_h (z_c - mean_z))
+// (d log p_k / dz = onehot_k - p; dH / dz = -p (z - mean_z)). A class of zero probability
+// (masked) gets no share: its z - mean_z may be infinite.
+// V: a scalar or a vector of lanes (the CPU kernels), S its scalar type.
+template <class V, class S>
+FASTCE_RULE V token_grad_shared(const V& p, const V& z, S g_sum, S g_h, S mean_z) {
+  const V g = -p * (g_sum + g_h * (z - mean_z));
+  return p == S(0) ? p : g;  // (p is +0 there)
+}
+// The entropy's mean_z (only needed when the entropy has a gradient).
+FASTCE_RULE double token_mean_z(double lse, double entropy) { return lse - entropy; }
+
+}  // namespace fastce
