@@ -351,6 +351,12 @@ __device__ __forceinline__ int vec_width(const T* anchor, const T* other) {
   const int d = (mod16(other) - mod16(anchor)) & 15;
   return d == 0 ? 16 : d & -d;
 }
+// Whether `other` has the anchor's address mod 16 (both at full width wherever walk() puts a
+// vector), for kernels that take no narrow path.
+template <class T>
+__device__ __forceinline__ bool same_alignment(const T* anchor, const T* other) {
+  return other == nullptr || mod16(other) == mod16(anchor);
+}
 using Aligned = std::false_type;  // every array of the row at full 16-byte width
 using Narrow = std::true_type;    // some array at its vec_width
 
