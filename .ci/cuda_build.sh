@@ -4,8 +4,9 @@
 # kernels, for sm_80 and sm_90) against torch 2.14.1+cu130 on the stable ABI, import them with no
 # driver, check that every op with a CPU kernel has a CUDA kernel and that _C_cuda uses torch
 # through the stable C shim only, and inspect the machine code with cuobjdump (SASS for both
-# architectures, warp shuffles, 16-byte loads). Prints the registers/spills table of every
-# kernel, and runs the kernels' code on the CPU under an emulation of CUDA (tests/cuda_emulation).
+# architectures, warp shuffles, 16-byte loads). Prints the registers/stack frame/spills table of
+# every kernel and the instruction counts of each kernel's streaming loop (.ci/kernel_report.py),
+# and runs the kernels' code on the CPU under an emulation of CUDA (tests/cuda_emulation).
 #
 # Environment: FASTCE_CUDA_VENV (default /work/venv-cuda: created with torch 2.14.1 when
 # missing), CUDA_HOME (default: the toolkit the `nvcc` on PATH runs), MAX_JOBS.
@@ -98,34 +99,9 @@ for arch in sm_80 sm_90; do
   [ "$ldg" -gt 0 ] || fail "$arch: no 16-byte loads (LDG.E.128) in the SASS"
 done
 
-# Registers and spills per kernel (docs/CUDA.md keeps a copy of this table).
-"$PY" - build.log <<'EOF'
-import re, subprocess, sys
-rows, cur, spill = [], None, None
-for line in open(sys.argv[1]):
-    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
-    if m:
-        cur, spill = m.groups(), ("0", "0")
-        continue
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m and cur:
-        spill = m.groups()
-        continue
-    m = re.search(r"Used (\d+) registers", line)
-    if m and cur:
-        rows.append((cur[0], cur[1], m.group(1), *spill))
-        cur = None
-names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
-                       text=True).stdout.splitlines()
-table = {}
-for (_, arch, regs, st, ld), name in zip(rows, names):
-    name = re.sub(r"fastce::cuda::(\(anonymous namespace\)::)?|^void |\(.*\)$", "", name)
-    name = name.replace("__nv_bfloat16", "bf16").replace("__half", "half")
-    table.setdefault(name, {})[arch] = f"{regs} regs" + (f", spill {st}/{ld} B" if st != "0" or ld != "0" else "")
-print("| kernel <dtype, flags> | sm_80 | sm_90 |\n|---|---|---|")
-for name in sorted(table):
-    print(f"| `{name}` | {table[name].get('sm_80', '-')} | {table[name].get('sm_90', '-')} |")
-EOF
+# Registers, stack frames and spills per kernel (docs/CUDA.md keeps a copy of this table), and
+# the instruction counts of each kernel's streaming loop in the sm_90 SASS.
+"$PY" .ci/kernel_report.py build.log sass.txt || fail "kernel report"
 
 # The CUDA tests must at least collect (they skip without a GPU).
 PYTHONPATH=python "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > pytest.log 2>&1 \
@@ -134,7 +110,7 @@ echo "cuda_build: $(tail -n 1 pytest.log)"
 
 # The kernels' code itself, run on the CPU under an emulation of the CUDA execution model
 # against the float64 reference and the CPU backend (tests/cuda_emulation, a few minutes).
-FASTCE_CUDA_EMULATION=1 PYTHONPATH=python timeout 600 "$PY" -m pytest -q -p no:cacheprovider \
+FASTCE_CUDA_EMULATION=1 PYTHONPATH=python timeout 1500 "$PY" -m pytest -q -p no:cacheprovider \
   tests/cuda_emulation > emulation.log 2>&1 \
   || { tail -n 40 emulation.log >&2; fail "emulated CUDA kernels disagree with the reference"; }
 echo "cuda_build: emulated kernels: $(tail -n 1 emulation.log)"

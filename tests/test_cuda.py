@@ -164,7 +164,8 @@ def test_misaligned_strided_rows(dtype, offset, V):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_probability_targets_misaligned_against_logits(dtype):
-    """x and y with different alignments (the scalar fallback), and the target gradient."""
+    """x and y with different alignments (targets and gradients at narrower widths), and the
+    target gradient."""
     N, V = 9, 3001
     x = torch.randn(N, V + 5, device="cuda", dtype=dtype)[:, 1:V + 1]
     y = torch.softmax(torch.randn(N, V + 5, device="cuda"), 1).to(dtype)[:, 2:V + 2]
@@ -399,6 +400,27 @@ def test_deterministic(shape):
         results.append((loss, xx.grad))
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_many_rows_two_stage_reduction(reduction):
+    """More rows than one reduction block takes (two stages of fixed ranges): the CPU backend's
+    values, the same bits run to run; 'none' and loss_dtype written per row by the kernel."""
+    N, V = 20000, 50
+    x = torch.randn(N, V, device="cuda")
+    t = torch.randint(0, V, (N,), device="cuda")
+    t[::5] = -100
+    w = torch.rand(V, device="cuda") + 0.5
+    outs = [ops.cross_entropy_forward(x, t, w, *LossOptions(reduction={"none": 0, "mean": 1, "sum": 2}[reduction],
+                                                            lse_square_scale=1e-3), False, torch.float64)
+            for _ in range(2)]
+    ref = ops.cross_entropy_forward(x.cpu(), t.cpu(), w.cpu(), *LossOptions(
+        reduction={"none": 0, "mean": 1, "sum": 2}[reduction], lse_square_scale=1e-3), False, torch.float64)
+    for a, b in zip(outs[0][:4], outs[1][:4]):
+        assert torch.equal(a, b)
+    for got, want in zip(outs[0][:4], ref[:4]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_no_host_sync():

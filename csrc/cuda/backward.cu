@@ -20,18 +20,17 @@ __device__ __forceinline__ double value_at(const Values& v, int64_t i, double ab
   }
 }
 
-// Row r's lse as the CPU backend takes it: the saved one, or for a huge row its max and
-// log-sum recomputed from the logits (huge_lse_kernel).
-__device__ __forceinline__ RowLse row_lse_of(const BackwardArgs& a, int64_t r) {
-  const double lse = a.lse[r];
-  return a.huge_lse != nullptr && huge_lse(lse) ? a.huge_lse[r] : RowLse{0.0, lse};
+// Whether row r's lse is recomputed from the logits, as the CPU backend does for a huge row
+// (see RowLse); a vocabulary slice's lse is the whole vocabulary's, kept as given.
+__device__ __forceinline__ bool recomputes_lse(const BackwardArgs& a, int64_t r) {
+  return a.v.opt.vocab_size < 0 && huge_lse(a.lse[r]);
 }
 
 // The gradient coefficients of row r (not ignored): rules.h's grad_coef, with the row's
 // incoming gradients divided by the mean's divisors (rules.h: row_grads).
 template <class A, bool Prob>
 __device__ __forceinline__ GradCoef row_grad_coef(const BackwardArgs& a, int64_t r, const RowLse& l,
-                                                  const RowTarget& t) {
+                                                  const RowTarget& t, double sum_wy) {
   const Rows& v = a.v;
   const A* w = static_cast<const A*>(v.weight);
   const int64_t i = v.opt.reduction == kNone ? r : 0;
@@ -41,7 +40,7 @@ __device__ __forceinline__ GradCoef row_grad_coef(const BackwardArgs& a, int64_t
   const double V = double(vocabulary(v.opt, v.classes));
   const double weight_sum_all = v.opt.vocab_size >= 0 ? V : class_weight_sum(v);  // slices take no weights
   return grad_coef(l, g, Prob, w_r, t.local, v.opt.label_smoothing, V, weight_sum_all,
-                   v.opt.lse_square_scale, Prob ? a.sum_wy[r] : 0.0);
+                   v.opt.lse_square_scale, sum_wy);
 }
 
 // A row's lse as two floats, hi + lo (as the CPU's piece_grad splits it): z - lse stays exact
@@ -69,49 +68,62 @@ __device__ double target_grad(const Transform<A, Cap>& tf, A x_t, double w_t, co
   return (p * k.coef_p - w_t * k.coef_w - k.coef_target) * double(slope);
 }
 
-// Probability targets: sum over the row of w_c * y_c (unsmoothed), one warp per row.
-template <class T>
-__global__ void __launch_bounds__(kThreads) sum_wy_kernel(const BackwardArgs a) {
-  using A = acc_t<T>;
+// Probability targets: sum over the row of w_c * y_c (unsmoothed) by one warp, in a fixed
+// order. All 32 lanes call it and get the sum.
+template <class T, class A = acc_t<T>>
+__device__ double row_sum_wy(const T* yr, const A* w, int64_t classes, int lane) {
   constexpr int kVec = Traits<T>::kVec;
+  A acc = 0;
+  auto vecs = [&](int64_t c, auto n) {
+    constexpr int N = decltype(n)::value;
+    A y[N * kVec];
+#pragma unroll
+    for (int j = 0; j < N; ++j) load_vec(yr + c + j * kWarp * kVec, y + j * kVec);
+#pragma unroll
+    for (int k = 0; k < N * kVec; ++k) acc += w != nullptr ? y[k] * w[c + (k / kVec) * kWarp * kVec + k % kVec] : y[k];
+  };
+  auto one = [&](int64_t c) { acc += A(load1(yr + c)) * (w != nullptr ? w[c] : A(1)); };
+  walk(yr, 0, classes, element_aligned(yr), lane, vecs, one);
+  return double(warp_sum(acc));
+}
+
+// A huge row's max and log-sum again from its logits, by one warp (all 32 lanes call it), for
+// split rows (huge_lse_kernel) and whole rows (grad_kernel) alike. Such rows are rare: one
+// vector per lane at a time, which keeps grad_kernel's registers those of its own loop.
+template <class T, class A, bool Cap>
+__device__ RowLse recompute_lse(const T* xr, const Transform<A, Cap>& tf, int64_t classes, int lane) {
+  const SumsOf<A> none{nullptr, false, {A(1), A(0)}};  // the exponentials only
+  Stats<A> st = lane_stats<false, 1>(xr, static_cast<const T*>(nullptr), tf, none, 0, classes, lane);
+  warp_merge(st);
+  return lse_of(st);
+}
+
+// Split rows only (an unsplit row's warp does this itself in grad_kernel): the probability
+// targets' sum_wy of each row, one warp per row, before any piece needs it.
+template <class T>
+__global__ void __launch_bounds__(kThreads) sum_wy_kernel(const __grid_constant__ BackwardArgs a) {
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
-  const A* w = static_cast<const A*>(v.weight);
   for_each_warp_item(v.rows, [&](int64_t r) {
-    const T* yr = static_cast<const T*>(v.y) + r * v.y_stride;
-    A acc = 0;
-    auto vecs = [&](int64_t c, auto n) {
-      constexpr int N = decltype(n)::value;
-      A y[N * kVec];
-#pragma unroll
-      for (int j = 0; j < N; ++j) load_vec(yr + c + j * kWarp * kVec, y + j * kVec);
-#pragma unroll
-      for (int k = 0; k < N * kVec; ++k)
-        acc += w != nullptr ? y[k] * w[c + (k / kVec) * kWarp * kVec + k % kVec] : y[k];
-    };
-    auto one = [&](int64_t c) { acc += A(load1(yr + c)) * (w != nullptr ? w[c] : A(1)); };
-    walk(yr, 0, v.classes, element_aligned(yr), lane, vecs, one);
-    acc = warp_sum(acc);
-    if (lane == 0) a.sum_wy[r] = double(acc);
+    const double s = row_sum_wy(static_cast<const T*>(v.y) + r * v.y_stride, static_cast<const acc_t<T>*>(v.weight),
+                                v.classes, lane);
+    if (lane == 0) a.sum_wy[r] = s;
   });
 }
 
-// Rows whose lse is huge (see RowLse): their max and log-sum again from the logits, one warp
-// per row, before any gradient is written (in place, over the logits). Other rows keep their
-// saved lse (row_lse_of).
+// Split rows only: rows whose lse is huge (recomputes_lse) get their max and log-sum again from
+// the logits, one warp per row, before any piece's gradient is written (in place, over the
+// logits).
 template <class T, bool Cap>
-__global__ void __launch_bounds__(kThreads) huge_lse_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kThreads) huge_lse_kernel(const __grid_constant__ BackwardArgs a) {
   using A = acc_t<T>;
   const Rows& v = a.v;
   const int lane = threadIdx.x % kWarp;
   const Transform<A, Cap> tf(v.opt);
-  const SumsOf<A> none{nullptr, false, {A(1), A(0)}};  // the exponentials only
   for_each_warp_item(v.rows, [&](int64_t r) {
-    if (ignored_row(v, r) || !huge_lse(a.lse[r])) return;
-    const T* xr = static_cast<const T*>(v.x) + r * v.x_stride;
-    Stats<A> st = lane_stats<false>(xr, static_cast<const T*>(nullptr), tf, none, 0, v.classes, lane);
-    warp_merge(st);
-    if (lane == 0) a.huge_lse[r] = lse_of(st);
+    if (ignored_row(v, r) || !recomputes_lse(a, r)) return;
+    const RowLse l = recompute_lse(static_cast<const T*>(v.x) + r * v.x_stride, tf, v.classes, lane);
+    if (lane == 0) a.huge_lse[r] = l;
   });
 }
 
@@ -132,10 +144,20 @@ __device__ __forceinline__ void write_zeros(T* gxr, int64_t b, int64_t e, int la
 }
 
 // One warp per unit (row, or piece of a row). gx may be x itself (in-place backward): every
-// element is read and then written by the same lane, and the target's logit is read by the
-// whole warp before any lane writes.
+// element is read and then written by the same lane (both walked by x's alignment), and the
+// target's logit is read by the whole warp before any lane writes.
+// Blocks per SM that grad_kernel's register budget asks for: 3 (80 registers) for the
+// language-model variants, whose rare paths (a huge row's lse, the narrow stores) would
+// otherwise lift the whole kernel to 128 registers and 2 blocks; 2 (128 registers) for the
+// probability-target and float64 variants (3 would spill their streaming loop; without a
+// bound they take up to 168 registers, 1 block).
+template <class T, bool Prob>
+constexpr int grad_min_blocks() {
+  return Prob || std::is_same_v<T, double> ? 2 : 3;
+}
+
 template <class T, bool Prob, bool Cap, bool GradY>
-__global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kThreads, grad_min_blocks<T, Prob>()) grad_kernel(const __grid_constant__ BackwardArgs a) {
   using A = acc_t<T>;
   constexpr int kVec = Traits<T>::kVec;
   constexpr int64_t kStride = kWarp * kVec;  // elements between a lane's vectors
@@ -158,7 +180,15 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
       write_zeros(gxr, un.begin, un.end, lane);
       return;
     }
-    const GradCoef k = row_grad_coef<A, Prob>(a, r, row_lse_of(a, r), t);
+    // A whole row's warp reads its targets' sum and recomputes a huge lse itself (all lanes
+    // read the logits before any writes: warp_merge's shuffles); split rows' pieces take
+    // them from sum_wy_kernel / huge_lse_kernel.
+    const bool whole = v.chunks == 1;
+    double sum_wy = 0.0;
+    if constexpr (Prob) sum_wy = whole ? row_sum_wy(yr, w, v.classes, lane) : a.sum_wy[r];
+    RowLse l{0.0, a.lse[r]};
+    if (recomputes_lse(a, r)) l = whole ? recompute_lse(xr, tf, v.classes, lane) : a.huge_lse[r];
+    const GradCoef k = row_grad_coef<A, Prob>(a, r, l, t, sum_wy);
     const LseSplit<A> lse = split_lse<A>(k);
     const A cp = A(k.coef_p), cw = A(k.coef_w), cwy = A(k.coef_wy), cgy = A(k.coef_grad_y);
 
@@ -179,34 +209,41 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const BackwardArgs a) {
       if constexpr (GradY) gy = cgy * wc * ((lse.hi - z) + lse.lo);
       return (p * cp - wc * sub) * slope;
     };
-    auto vecs = [&](int64_t c, auto n) {
-      constexpr int N = decltype(n)::value;
-      A x[N * kVec], y[Prob ? N * kVec : 1], gx[N * kVec], gy[GradY ? N * kVec : 1];
+    // Vectors are placed by the logits' alignment; targets and gradients whose rows do not
+    // share it (a contiguous gradient of x = buf[:, :V]) are read and written at their
+    // vec_width: narrower accesses of the same bytes, never the scalar path.
+    const int wy = vec_width(xr, yr), wgx = vec_width(xr, gxr), wgy = vec_width(xr, gyr);
+    auto run = [&](auto narrow) {
+      constexpr bool kNarrow = decltype(narrow)::value;
+      auto vecs = [&](int64_t c, auto n) {
+        constexpr int N = decltype(n)::value;
+        A x[N * kVec], y[Prob ? N * kVec : 1], gx[N * kVec], gy[GradY ? N * kVec : 1];
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        load_vec(xr + c + j * kStride, x + j * kVec);
-        if constexpr (Prob) load_vec(yr + c + j * kStride, y + j * kVec);
-      }
+        for (int j = 0; j < N; ++j) {
+          load_vec(xr + c + j * kStride, x + j * kVec);
+          if constexpr (Prob) load_vec(yr + c + j * kStride, y + j * kVec, kNarrow ? wy : 16);
+        }
 #pragma unroll
-      for (int i = 0; i < N * kVec; ++i) {
-        const A wc = need_w ? w[c + (i / kVec) * kStride + i % kVec] : A(1);
-        gx[i] = grad(x[i], Prob ? y[i] : A(0), wc, gy[GradY ? i : 0]);
-      }
+        for (int i = 0; i < N * kVec; ++i) {
+          const A wc = need_w ? w[c + (i / kVec) * kStride + i % kVec] : A(1);
+          gx[i] = grad(x[i], Prob ? y[i] : A(0), wc, gy[GradY ? i : 0]);
+        }
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        store_vec(gxr + c + j * kStride, gx + j * kVec);
-        if constexpr (GradY) store_vec(gyr + c + j * kStride, gy + j * kVec);
-      }
+        for (int j = 0; j < N; ++j) {
+          store_vec(gxr + c + j * kStride, gx + j * kVec, kNarrow ? wgx : 16);
+          if constexpr (GradY) store_vec(gyr + c + j * kStride, gy + j * kVec, kNarrow ? wgy : 16);
+        }
+      };
+      auto one = [&](int64_t c) {
+        A gy = 0;
+        const A y = Prob ? A(load1(yr + c)) : A(0);
+        store1(gxr + c, grad(A(load1(xr + c)), y, need_w ? w[c] : A(1), gy));
+        if constexpr (GradY) store1(gyr + c, gy);
+      };
+      const bool vec_ok = element_aligned(xr) && element_aligned(yr) && element_aligned(gxr) && element_aligned(gyr);
+      walk(xr, un.begin, un.end, vec_ok, lane, vecs, one);
     };
-    auto one = [&](int64_t c) {
-      A gy = 0;
-      const A y = Prob ? A(load1(yr + c)) : A(0);
-      store1(gxr + c, grad(A(load1(xr + c)), y, need_w ? w[c] : A(1), gy));
-      if constexpr (GradY) store1(gyr + c, gy);
-    };
-    const bool vec_ok = element_aligned(gxr) && same_alignment<T>(gxr, xr) && same_alignment<T>(gxr, yr) &&
-                        same_alignment<T>(gxr, gyr);
-    walk(gxr, un.begin, un.end, vec_ok, lane, vecs, one);
+    if (wy == 16 && wgx == 16 && wgy == 16) run(Aligned{}); else run(Narrow{});
 
     if (target_here) {  // after every lane's writes (__syncwarp orders them)
       __syncwarp();
@@ -229,11 +266,12 @@ void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
           constexpr bool kGradY = decltype(grad_y)::value;
           if constexpr (kProb || !kGradY) {  // a target gradient needs probability targets
             const unsigned row_blocks = grid_for(a.v.rows, kWarpsPerBlock);
-            if constexpr (kProb) {
+            const bool split = a.v.chunks > 1;  // else grad_kernel's warps do both themselves
+            if (kProb && split) {
               sum_wy_kernel<T><<<row_blocks, kThreads, 0, stream>>>(a);
               FASTCE_LAUNCH_CHECK();
             }
-            if (a.huge_lse != nullptr) {
+            if (split && a.v.opt.vocab_size < 0) {
               huge_lse_kernel<T, kCap><<<row_blocks, kThreads, 0, stream>>>(a);
               FASTCE_LAUNCH_CHECK();
             }

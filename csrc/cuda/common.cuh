@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -65,61 +66,128 @@ __device__ __forceinline__ void store1(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
 
-// One 16-byte vector at p (16-byte aligned) into out[0, kVec).
-__device__ __forceinline__ void load_vec(const float* p, float* out) {
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-}
-__device__ __forceinline__ void load_vec(const double* p, double* out) {
-  const double2 v = *reinterpret_cast<const double2*>(p);
-  out[0] = v.x; out[1] = v.y;
-}
-__device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float* out) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // bf16 -> float is a 16-bit shift, exact
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+// ---- 16-byte vectors ------------------------------------------------------------------
+// A vector is moved as 16 bytes (uint4) and converted between bits and acc values by Codec<T>.
+// Its address is 16-byte aligned (one 128-bit access) or, where an array's rows do not share
+// the anchor's alignment (walk()), `width`-aligned (16/width narrower accesses of the same
+// bytes): a row is never pushed to scalar accesses by a second array's misalignment.
+// Under the emulation every access checks its alignment (FASTCE_ASSERT_ALIGNED): a GPU
+// faults on a misaligned vector access where x86 forgives it.
+#ifndef FASTCE_ASSERT_ALIGNED
+#define FASTCE_ASSERT_ALIGNED(p, bytes) ((void)0)
+#endif
+
+__device__ __forceinline__ uint4 load_bits(const void* p, int width = 16) {
+  FASTCE_ASSERT_ALIGNED(p, width);
+  if (width == 16) return *reinterpret_cast<const uint4*>(p);
+  if (width == 8) {
+    const uint2* q = reinterpret_cast<const uint2*>(p);
+    const uint2 lo = q[0], hi = q[1];
+    return make_uint4(lo.x, lo.y, hi.x, hi.y);
   }
+  if (width == 4) {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
+    return make_uint4(q[0], q[1], q[2], q[3]);
+  }
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p);  // 2-byte aligned (16-bit dtypes)
+  auto pair = [&](int i) { return uint32_t(q[2 * i]) | uint32_t(q[2 * i + 1]) << 16; };
+  return make_uint4(pair(0), pair(1), pair(2), pair(3));
 }
-__device__ __forceinline__ void load_vec(const __half* p, float* out) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+
+__device__ __forceinline__ void store_bits(void* p, const uint4& b, int width = 16) {
+  FASTCE_ASSERT_ALIGNED(p, width);
+  if (width == 16) {
+    *reinterpret_cast<uint4*>(p) = b;
+  } else if (width == 8) {
+    uint2* q = reinterpret_cast<uint2*>(p);
+    q[0] = make_uint2(b.x, b.y);
+    q[1] = make_uint2(b.z, b.w);
+  } else if (width == 4) {
+    uint32_t* q = reinterpret_cast<uint32_t*>(p);
+    q[0] = b.x; q[1] = b.y; q[2] = b.z; q[3] = b.w;
+  } else {
+    uint16_t* q = reinterpret_cast<uint16_t*>(p);
+    const uint32_t w[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h;
-    static_assert(sizeof(h) == 4, "half2 is 4 bytes");
-    memcpy(&h, &w[i], 4);
-    const float2 f = __half22float2(h);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
+    for (int i = 0; i < 4; ++i) {
+      q[2 * i] = uint16_t(w[i] & 0xffffu);
+      q[2 * i + 1] = uint16_t(w[i] >> 16);
+    }
   }
 }
 
-__device__ __forceinline__ void store_vec(float* p, const float* v) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-__device__ __forceinline__ void store_vec(double* p, const double* v) {
-  *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
-}
-__device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float* v) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);  // .x is the low half
-    memcpy(&w[i], &h, 4);
+// Bits <-> acc values of one vector (kVec elements).
+template <class T> struct Codec;
+template <> struct Codec<float> {
+  static __device__ __forceinline__ void decode(const uint4& b, float* out) {
+    out[0] = __uint_as_float(b.x); out[1] = __uint_as_float(b.y);
+    out[2] = __uint_as_float(b.z); out[3] = __uint_as_float(b.w);
   }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-__device__ __forceinline__ void store_vec(__half* p, const float* v) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    memcpy(&w[i], &h, 4);
+  static __device__ __forceinline__ uint4 encode(const float* v) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
   }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+};
+template <> struct Codec<double> {
+  static __device__ __forceinline__ void decode(const uint4& b, double* out) {
+    out[0] = __hiloint2double(int(b.y), int(b.x));
+    out[1] = __hiloint2double(int(b.w), int(b.z));
+  }
+  static __device__ __forceinline__ uint4 encode(const double* v) {
+    return make_uint4(uint32_t(__double2loint(v[0])), uint32_t(__double2hiint(v[0])), uint32_t(__double2loint(v[1])),
+                      uint32_t(__double2hiint(v[1])));
+  }
+};
+template <> struct Codec<__nv_bfloat16> {
+  static __device__ __forceinline__ void decode(const uint4& b, float* out) {
+    const uint32_t w[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // bf16 -> float is a 16-bit shift, exact
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  static __device__ __forceinline__ uint4 encode(const float* v) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);  // .x is the low half
+      memcpy(&w[i], &h, 4);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+template <> struct Codec<__half> {
+  static __device__ __forceinline__ void decode(const uint4& b, float* out) {
+    const uint32_t w[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h;
+      static_assert(sizeof(h) == 4, "half2 is 4 bytes");
+      memcpy(&h, &w[i], 4);
+      const float2 f = __half22float2(h);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ uint4 encode(const float* v) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+      memcpy(&w[i], &h, 4);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+// One vector at p into out[0, kVec) / from v[0, kVec) to p; width: see load_bits.
+template <class T>
+__device__ __forceinline__ void load_vec(const T* p, acc_t<T>* out, int width = 16) {
+  Codec<T>::decode(load_bits(p, width), out);
+}
+template <class T>
+__device__ __forceinline__ void store_vec(T* p, const acc_t<T>* v, int width = 16) {
+  store_bits(p, Codec<T>::encode(v), width);
 }
 
 // A result computed in double, rounded once to the element type.
@@ -129,10 +197,27 @@ __device__ __forceinline__ void store_double(__nv_bfloat16* p, double v) { *p = 
 __device__ __forceinline__ void store_double(__half* p, double v) { *p = __double2half(v); }
 
 // ---- math -------------------------------------------------------------------------------
-// exp(d) for d <= 0 (d = z - max or z - lse). exp2 of d*log2(e) is one MUFU op; rounding
-// d*log2(e) costs a relative error of 2^-24 * |d| * 1.44 in the result, negligible where
-// the terms matter (d near 0). NaN stays NaN, -inf gives 0.
-__device__ __forceinline__ float exp_neg(float d) { return exp2f(d * 1.4426950408889634f); }
+// 2^v as one MUFU op, ex2.approx.ftz: what exp2f compiles to for results of at least 2^-126
+// (the same bits there), without the three instructions per element exp2f spends to scale
+// smaller results into the subnormal range; those flush to 0 instead. Such a term vanishes
+// against a row's sum (whose largest term is 1), and a probability below 2^-126 becomes a
+// gradient of 0 instead of a subnormal. The emulation flushes the same way
+// (test_exp2_flush_to_zero_accuracy).
+__device__ __forceinline__ float exp2_ftz(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  const float r = exp2f(v);
+  return r < FLT_MIN ? 0.0f : r;  // NaN stays NaN
+#endif
+}
+
+// exp(d) for d <= 0 (d = z - max or z - lse). exp2 of d*log2(e); rounding d*log2(e) costs a
+// relative error of 2^-24 * |d| * 1.44 in the result, negligible where the terms matter (d
+// near 0). NaN stays NaN, -inf gives 0.
+__device__ __forceinline__ float exp_neg(float d) { return exp2_ftz(d * 1.4426950408889634f); }
 __device__ __forceinline__ double exp_neg(double d) { return exp(d); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
@@ -223,14 +308,14 @@ __device__ __forceinline__ A warp_sum(A v) {
 __device__ __forceinline__ int mod16(const void* p) { return int(reinterpret_cast<uintptr_t>(p) & 15); }
 
 // Walks the elements [b, e) of a row with the 32 lanes of a warp. `anchor` is the row
-// start of the array that decides alignment; every other array the callbacks touch must
-// have the same address mod 16 at element b (checked by the caller through vec_ok).
+// start of the array that decides alignment (the logits); every other array the callbacks
+// touch is accessed at its vec_width (checked by the caller through vec_ok).
 // Elements before the first 16-byte boundary and after the last whole vector go one by
 // one to one(c); the aligned middle goes to vecs(c, N): N vectors of kVec elements at
-// c + j * 32 * kVec (j < N), kBatch at a time while there are enough, then singly.
+// c + j * 32 * kVec (j < N), Batch (kBatch) at a time while there are enough, then singly.
 // Without vec_ok every element goes to one(c). Lanes may finish at different times:
 // the callbacks must not use warp collectives.
-template <class T, class Vecs, class One>
+template <int Batch = kBatch, class T, class Vecs, class One>
 __device__ __forceinline__ void walk(const T* anchor, int64_t b, int64_t e, bool vec_ok, int lane,
                                      Vecs&& vecs, One&& one) {
   constexpr int kVec = Traits<T>::kVec;
@@ -245,22 +330,35 @@ __device__ __forceinline__ void walk(const T* anchor, int64_t b, int64_t e, bool
   for (int64_t i = lane; i < head; i += kWarp) one(b + i);
   const int64_t body = b + head;
   int64_t v = lane;
-  for (; v + (kBatch - 1) * kWarp < nvec; v += kBatch * kWarp)
-    vecs(body + v * kVec, std::integral_constant<int, kBatch>{});
+  for (; v + (Batch - 1) * kWarp < nvec; v += Batch * kWarp)
+    vecs(body + v * kVec, std::integral_constant<int, Batch>{});
   for (; v < nvec; v += kWarp) vecs(body + v * kVec, std::integral_constant<int, 1>{});
   for (int64_t c = body + nvec * kVec + lane; c < e; c += kWarp) one(c);
 }
 
-// Whether pointers that walk() will touch at the same element index share the anchor's
-// alignment (and are aligned to their element size, which vector access assumes).
+// Whether a row's pointer is aligned to its element size (vector access assumes it; torch's
+// storage offsets are whole elements, so only a foreign pointer could break it).
+template <class T>
+__device__ __forceinline__ bool element_aligned(const T* p) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % sizeof(T)) == 0;
+}
+// The widest access (16, 8, 4 or 2 bytes) to `other` that is aligned wherever walk() puts a
+// vector of the anchor (16-byte aligned there): the lowest set bit of their distance mod 16.
+// Both element-aligned: at least sizeof(T). Uniform over a row, so over a warp.
+template <class T>
+__device__ __forceinline__ int vec_width(const T* anchor, const T* other) {
+  if (other == nullptr) return 16;
+  const int d = (mod16(other) - mod16(anchor)) & 15;
+  return d == 0 ? 16 : d & -d;
+}
+// Whether `other` has the anchor's address mod 16 (both at full width wherever walk() puts a
+// vector), for kernels that take no narrow path.
 template <class T>
 __device__ __forceinline__ bool same_alignment(const T* anchor, const T* other) {
   return other == nullptr || mod16(other) == mod16(anchor);
 }
-template <class T>
-__device__ __forceinline__ bool element_aligned(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) % sizeof(T)) == 0;
-}
+using Aligned = std::false_type;  // every array of the row at full 16-byte width
+using Narrow = std::true_type;    // some array at its vec_width
 
 // What the statistics sum besides the exponentials (see RowSums): class weights w (or
 // nullptr), sum_c w_c z_c (need_wz: label smoothing of class indices), and for probability
@@ -315,28 +413,38 @@ __device__ __forceinline__ void accumulate(Stats<A>& st, A* z, const A* y, const
 }
 
 // This lane's statistics of x[b, e) of one row (y: its probability targets, or nullptr);
-// warp_merge combines the lanes'.
-template <bool Prob, class T, class A, bool Cap>
+// warp_merge combines the lanes'. Vectors are placed by x's alignment; targets that do not
+// share it are read at their vec_width.
+template <bool Prob, int Batch = kBatch, class T, class A, bool Cap>
 __device__ __forceinline__ Stats<A> lane_stats(const T* xr, const T* yr, const Transform<A, Cap>& tf,
                                                const SumsOf<A>& sums, int64_t b, int64_t e, int lane) {
   constexpr int kVec = Traits<T>::kVec;
   Stats<A> st;
-  auto vecs = [&](int64_t c, auto n) {
-    constexpr int N = decltype(n)::value;
-    A z[N * kVec], y[Prob ? N * kVec : 1];
+  const int wy = vec_width(xr, yr);
+  auto run = [&](auto narrow) {
+    const int width_y = decltype(narrow)::value ? wy : 16;
+    auto vecs = [&](int64_t c, auto n) {
+      constexpr int N = decltype(n)::value;
+      A z[N * kVec], y[Prob ? N * kVec : 1];
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
-      if constexpr (Prob) load_vec(yr + c + j * kWarp * kVec, y + j * kVec);
-    }
-    accumulate<N * kVec, Prob>(st, z, y, tf, sums, [&](int k) { return c + (k / kVec) * kWarp * kVec + k % kVec; });
+      for (int j = 0; j < N; ++j) {
+        load_vec(xr + c + j * kWarp * kVec, z + j * kVec);
+        if constexpr (Prob) load_vec(yr + c + j * kWarp * kVec, y + j * kVec, width_y);
+      }
+      accumulate<N * kVec, Prob>(st, z, y, tf, sums, [&](int k) { return c + (k / kVec) * kWarp * kVec + k % kVec; });
+    };
+    auto one = [&](int64_t c) {
+      A z[1] = {A(load1(xr + c))}, y[1] = {A(0)};
+      if constexpr (Prob) y[0] = A(load1(yr + c));
+      accumulate<1, Prob>(st, z, y, tf, sums, [&](int) { return c; });
+    };
+    walk<Batch>(xr, b, e, element_aligned(xr) && element_aligned(yr), lane, vecs, one);
   };
-  auto one = [&](int64_t c) {
-    A z[1] = {A(load1(xr + c))}, y[1] = {A(0)};
-    if constexpr (Prob) y[0] = A(load1(yr + c));
-    accumulate<1, Prob>(st, z, y, tf, sums, [&](int) { return c; });
-  };
-  walk(xr, b, e, element_aligned(xr) && same_alignment(xr, yr), lane, vecs, one);
+  if constexpr (Prob) {
+    if (wy != 16) run(Narrow{}); else run(Aligned{});
+  } else {
+    run(Aligned{});
+  }
   return st;
 }
 

@@ -90,12 +90,13 @@ void launch_gradient(const View& view, const Problem& p, cuda::Values grad_loss,
   a.grad_zloss = grad_zloss;
   a.total_weight = total_weight;
   a.lse = lse.const_data_ptr<double>();
-  Tensor sum_wy, huge;
-  if (p.prob) {
+  Tensor sum_wy, huge;  // split rows' scratch (a whole row's warp keeps these in registers)
+  const bool split = a.v.chunks > 1;
+  if (split && p.prob) {
     sum_wy = empty_on(gx2d, {p.rows}, ScalarType::Double);
     a.sum_wy = sum_wy.mutable_data_ptr<double>();
   }
-  if (a.v.opt.vocab_size < 0) {  // a vocabulary slice's lse is the whole vocabulary's: kept as given
+  if (split && a.v.opt.vocab_size < 0) {  // a vocabulary slice's lse is the whole vocabulary's: kept as given
     huge = empty_on(gx2d, {p.rows, 2}, ScalarType::Double);
     a.huge_lse = reinterpret_cast<RowLse*>(huge.mutable_data_ptr<double>());
   }
@@ -124,33 +125,41 @@ struct Cuda {
     const View view(p, opt, stream);
     const bool reduced = opt.reduction != kNone;
     ForwardResult out;
+    // 'none': the kernels write each row's loss and z-loss in loss_dtype, the outputs
+    // themselves; 'mean'/'sum': per-row doubles for the fixed-order reduction.
     Tensor lse = empty_on(input, {p.rows}, ScalarType::Double);
-    Tensor row_loss = empty_on(input, {p.rows}, ScalarType::Double);
-    Tensor row_zloss = empty_on(input, {p.rows}, ScalarType::Double);
     Tensor row_weight = empty_on(input, {p.rows}, ScalarType::Double);
-    out.total_weight = empty_on(input, {2}, p.acc_type);
-    Tensor partial;
+    Tensor row_loss, row_zloss, partial, reduce_partial;
+    out.total_weight = empty_on(input, {2}, p.acc_type);  // the mean's divisors (rules.h: Divisors)
     if (view.rows.chunks > 1) partial = empty_on(input, {p.rows * view.rows.chunks * cuda::kPartialValues}, p.acc_type);
+    const int64_t parts = cuda::reduce_parts(p.rows);
+    if (parts > 1) reduce_partial = empty_on(input, {cuda::kReduceSums * parts}, ScalarType::Double);
     if (reduced) {
+      row_loss = empty_on(input, {p.rows}, ScalarType::Double);
+      row_zloss = empty_on(input, {p.rows}, ScalarType::Double);
       out.loss = empty_on(input, {}, loss_dtype);
       out.z_loss = empty_on(input, {}, loss_dtype);
+    } else {
+      out.loss = empty_on(input, {p.rows}, loss_dtype);
+      out.z_loss = empty_on(input, {p.rows}, loss_dtype);
     }
     cuda::ForwardArgs a{};
     a.v = view.rows;
     a.lse = lse.mutable_data_ptr<double>();
-    a.row_loss = row_loss.mutable_data_ptr<double>();
-    a.row_zloss = row_zloss.mutable_data_ptr<double>();
+    a.row_loss = reduced ? row_loss.mutable_data_ptr<double>() : nullptr;
+    a.row_zloss = reduced ? row_zloss.mutable_data_ptr<double>() : nullptr;
     a.row_weight = row_weight.mutable_data_ptr<double>();
     a.partial = view.rows.chunks > 1 ? partial.mutable_data_ptr() : nullptr;
+    a.reduce_partial = parts > 1 ? reduce_partial.mutable_data_ptr<double>() : nullptr;
     a.loss_dtype = kernel_dtype(loss_dtype);
-    a.loss_out = reduced ? out.loss.mutable_data_ptr() : nullptr;
-    a.zloss_out = reduced ? out.z_loss.mutable_data_ptr() : nullptr;
+    a.loss_out = out.loss.mutable_data_ptr();
+    a.zloss_out = out.z_loss.mutable_data_ptr();
     a.total_weight = out.total_weight.mutable_data_ptr();
     cuda::launch_forward(a, stream);
 
     if (!reduced) {
-      out.loss = torch::stable::to(torch::stable::reshape(row_loss, p.row_shape), loss_dtype);
-      out.z_loss = torch::stable::to(torch::stable::reshape(row_zloss, p.row_shape), loss_dtype);
+      out.loss = torch::stable::reshape(out.loss, p.row_shape);
+      out.z_loss = torch::stable::reshape(out.z_loss, p.row_shape);
     }
     out.lse = torch::stable::reshape(lse, p.row_shape);
     if (!compute_grad) {

@@ -38,16 +38,29 @@ int64_t plan_chunk(int64_t rows, int64_t classes, Dtype dtype, int sm_count);
 constexpr int kPartialValues = 6;  // acc values of a piece's statistics (forward.cu: Stats)
 struct ForwardArgs {
   Rows v;
-  double* lse;         // (rows,)
-  double* row_loss;    // (rows,) each row's loss (z-loss included; 0 when ignored)
-  double* row_zloss;   // (rows,)
-  double* row_weight;  // (rows,) the weight of each row's loss (0 when ignored)
-  void* partial;       // (rows * chunks * kPartialValues) acc scratch, when chunks > 1
+  double* lse;            // (rows,)
+  double* row_loss;       // (rows,) 'mean'/'sum': each row's loss (z-loss included; 0 when ignored)
+  double* row_zloss;      // (rows,) 'mean'/'sum': each row's z-loss
+  double* row_weight;     // (rows,) the weight of each row's loss (0 when ignored)
+  void* partial;          // (rows * chunks * kPartialValues) acc scratch, when chunks > 1
+  double* reduce_partial; // (kReduceSums * reduce_parts(rows)) scratch, when reduce_parts(rows) > 1
   Dtype loss_dtype;
-  void* loss_out;      // 0-d of loss_dtype (mean/sum only)
-  void* zloss_out;     // 0-d of loss_dtype (mean/sum only)
-  void* total_weight;  // (2,) acc: the mean's divisors (rules.h: Divisors)
+  void* loss_out;         // of loss_dtype: 0-d ('mean'/'sum'), or (rows,) ('none': written per row)
+  void* zloss_out;        // the same for the z-loss
+  void* total_weight;     // (2,) acc: the mean's divisors (rules.h: Divisors)
 };
+
+// The reduction over rows: one block of reduce_kernel up to kReduceRowsPerBlock rows; beyond,
+// a first stage of reduce_parts(rows) blocks over fixed ranges of rows (deterministic: the
+// ranges depend on the row count only), then one block over their sums.
+#ifndef FASTCE_REDUCE_ROWS_PER_BLOCK  // (the emulation lowers it: two stages on few rows)
+#define FASTCE_REDUCE_ROWS_PER_BLOCK 4096
+#endif
+constexpr int64_t kReduceRowsPerBlock = FASTCE_REDUCE_ROWS_PER_BLOCK;
+constexpr int kReduceSums = 4;  // losses, z-losses, weights, non-ignored rows
+inline int64_t reduce_parts(int64_t rows) {
+  return rows <= kReduceRowsPerBlock ? 1 : (rows + kReduceRowsPerBlock - 1) / kReduceRowsPerBlock;
+}
 void launch_forward(const ForwardArgs& a, cudaStream_t stream);
 
 // Sum of n acc-typed values into *out (double), one block, fixed order.
@@ -66,9 +79,9 @@ struct BackwardArgs {
   Values grad_zloss;    // same shape; absent: 0
   Values total_weight;  // (2,): the mean's divisors
   const double* lse;    // (rows,)
-  double* sum_wy;       // (rows,) scratch for probability targets: sum_c w_c y_c
-  RowLse* huge_lse;     // (rows,) scratch: huge rows' lse recomputed from the logits (see
-                        // RowLse), or nullptr (vocabulary slices keep the lse they are given)
+  double* sum_wy;       // (rows,) scratch, split rows with probability targets: sum_c w_c y_c
+  RowLse* huge_lse;     // (rows,) scratch, split rows (not of a vocabulary slice, which keeps
+                        // the lse it is given): huge rows' lse recomputed from the logits
   void* gx;             // (rows, classes) in dtype, unit class stride; may alias x
   int64_t gx_stride;
   void* gy;             // gradient of probability targets, or nullptr

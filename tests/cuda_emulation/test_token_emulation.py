@@ -41,7 +41,7 @@ def lib(tmp_path_factory):
     (out / "common.cuh").write_text('#include "shim.h"\n' + common)
     src = open(os.path.join(CSRC, "token.cu")).read()
     src = src.replace('#include "token_launch.h"', f'#include "{os.path.join(CSRC, "token_launch.h")}"')
-    src = re.sub(r"(\w+(?:<[^;<>]*>)?)<<<([^>]*)>>>\(([^;]*)\);", r"emu_launch(\1, \2, \3);", src)
+    src = re.sub(r"(\w+(?:<[^;<>]*>)?)<<<([^>]*)>>>\(([^;]*)\);", r'emu_launch("\1", \1, \2, \3);', src)
     assert "<<<" not in src, "a launch in token.cu the emulator cannot rewrite"
     (out / "token_emu.inc").write_text(src)
     so = out / "libtokenemu.so"

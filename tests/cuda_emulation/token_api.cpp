@@ -4,6 +4,11 @@
 #include <cstdio>
 std::atomic<int> emu_asserts{0};
 void emu_assert_fail(const char* what) { if (emu_asserts++ == 0) std::fprintf(stderr, "device assert: %s\n", what); }
+// A misaligned vector access (shim.h) counts as a failed call, like a device assert.
+void emu_fault(const char* what, const char* file, int line) {
+  if (emu_asserts++ == 0) std::fprintf(stderr, "emulation fault: %s at %s:%d\n", what, file, line);
+}
+void emu_after_launch(const char*) {}  // (no watched buffers here: api.cpp watches the loss kernels')
 #include "token_emu.inc"
 
 using namespace fastce;
