@@ -13,6 +13,52 @@
 namespace fastce::cpu::FASTCE_ISA {
 namespace {
 
+#if FASTCE_VW == 16
+// Plain bfloat16 logits (the language-model case, label smoothing too): the max from their
+// bits, then the exponentials straight from the block (in L1), 32 per step; no float copy.
+// Merges the block's max and sum into st; with SumZ, adds the block's sum of z to acc_wz.
+template <bool SumZ>
+FASTCE_INLINE void plain_bf16_block_stats(const bf16* xb, int64_t n, vf& acc_wz, PieceStats& st) {
+  const int64_t full = n - n % 32;
+  Bf16Max bits_max;
+  for (int64_t i = 0; i < full; i += 32) {
+    const __m512i raw = load_pair(xb + i);
+    bits_max.add(raw);
+    if constexpr (SumZ) {
+      const Pair v = split(raw);
+      acc_wz += v.even + v.odd;
+    }
+  }
+  if (const int rest = int(n - full); rest > 0) {
+    bits_max.add(load_pair_first(xb + full, rest));
+    if constexpr (SumZ) {  // zeros, not -inf, after the row's last values
+      const Pair v = split(load_pair_first(xb + full, rest, 0));
+      acc_wz += v.even + v.odd;
+    }
+  }
+  const float m = bits_max.value();
+  if (m == -std::numeric_limits<float>::infinity()) {  // nothing but -inf and NaN: no mass
+    for (int64_t i = 0; i < n; ++i) st.has_nan |= load1(xb + i) != load1(xb + i);
+    return;
+  }
+  const char* next = reinterpret_cast<const char*>(xb + n);
+  vf even_sum = splat(0.0f), odd_sum = splat(0.0f);
+  auto add_exps = [&](__m512i raw) {
+    const Pair v = split(raw);
+    even_sum += vexp<kPreciseExp<bf16>>(v.even - m);
+    odd_sum += vexp<kPreciseExp<bf16>>(v.odd - m);
+  };
+  for (int64_t i = 0; i < full; i += 32) {
+    __builtin_prefetch(next + i * sizeof(bf16));  // the next block, a line a step
+    add_exps(load_pair(xb + i));
+  }
+  if (full < n) add_exps(load_pair_first(xb + full, int(n - full)));
+  PieceStats block;
+  block.max = m;
+  block.sumexp = hsum(even_sum + odd_sum);
+  merge_stats(st, block);
+}
+#endif
 
 // ---- forward statistics of a piece of a row ------------------------------------
 // NaN needs no test per element: exp(NaN - max) makes the block's sum NaN, and a block
@@ -37,48 +83,7 @@ void piece_stats_t(const RowConfig& cfg, const T* x, const T* y, int64_t begin, 
     const int64_t n = std::min<int64_t>(kBlock<T>, end - b0);
 #if FASTCE_VW == 16
     if constexpr (std::is_same_v<T, bf16> && M == ZMap::Identity && !HasY && !(SumZ && HasW)) {
-      // Plain bfloat16 logits (the language-model case, label smoothing too): the max from
-      // their bits, then the exponentials straight from the block (in L1), 32 per step; no
-      // float copy.
-      const bf16* xb = x + b0;
-      const int64_t full = n - n % 32;
-      Bf16Max bits_max;
-      for (int64_t i = 0; i < full; i += 32) {
-        const __m512i raw = load_pair(xb + i);
-        bits_max.add(raw);
-        if constexpr (SumZ) {
-          const Pair v = split(raw);
-          acc_wz += v.even + v.odd;
-        }
-      }
-      if (const int rest = int(n - full); rest > 0) {
-        bits_max.add(load_pair_first(xb + full, rest));
-        if constexpr (SumZ) {  // zeros, not -inf, after the row's last values
-          const Pair v = split(load_pair_first(xb + full, rest, 0));
-          acc_wz += v.even + v.odd;
-        }
-      }
-      const float m = bits_max.value();
-      if (m == -std::numeric_limits<float>::infinity()) {  // as below
-        for (int64_t i = 0; i < n; ++i) st.has_nan |= load1(xb + i) != load1(xb + i);
-        continue;
-      }
-      const char* next = reinterpret_cast<const char*>(xb + n);
-      vf even_sum = splat(0.0f), odd_sum = splat(0.0f);
-      auto add_exps = [&](__m512i raw) {
-        const Pair v = split(raw);
-        even_sum += vexp<kPreciseExp<T>>(v.even - m);
-        odd_sum += vexp<kPreciseExp<T>>(v.odd - m);
-      };
-      for (int64_t i = 0; i < full; i += 32) {
-        __builtin_prefetch(next + i * sizeof(T));  // the next block, a line a step
-        add_exps(load_pair(xb + i));
-      }
-      if (full < n) add_exps(load_pair_first(xb + full, int(n - full)));
-      PieceStats block;
-      block.max = m;
-      block.sumexp = hsum(even_sum + odd_sum);
-      merge_stats(st, block);
+      plain_bf16_block_stats<SumZ>(x + b0, n, acc_wz, st);
       continue;
     }
 #endif
