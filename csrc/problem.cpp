@@ -287,4 +287,9 @@ Tensor from_doubles(const std::vector<double>& values, IntArrayRef shape, Scalar
   return on_cpu ? out : torch::stable::to(out, like.device());
 }
 
+Divisors divisors_of(const Tensor& total_weight) {
+  const std::vector<double> d = to_doubles(total_weight, 2, "total_weight");
+  return {d[0], d[1]};
+}
+
 }  // namespace fastce

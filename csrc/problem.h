@@ -37,6 +37,10 @@ struct Problem {
 Problem prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                 const LossOptions& opt, int64_t spatial_min_inner = 0);
 
+// The mean's divisors as the ops' total_weight output holds them (rounded to its dtype): what
+// the backward op and a gradient computed in the forward pass both divide by.
+Divisors divisors_of(const Tensor& total_weight);
+
 // Gives a gradient the shape of `input`: one already of that shape as it is; a (rows, classes)
 // one as a view in the input's layout when the input's classes are its innermost dimension
 // (channels_last), else as a contiguous tensor.

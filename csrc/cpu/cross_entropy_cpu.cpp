@@ -190,12 +190,6 @@ struct GradOut {
   }
 };
 
-// The mean's divisors as the op's total_weight output holds them (rounded to its dtype).
-Divisors divisors_of(const Tensor& total_weight) {
-  const std::vector<double> d = to_doubles(total_weight, 2, "total_weight");
-  return {d[0], d[1]};
-}
-
 // The (reduced) loss and z-loss outputs from the per-row values.
 std::pair<Tensor, Tensor> loss_outputs(const Rows& rows, const std::vector<double>& loss,
                                        const std::vector<double>& zloss, const Tensor& input, ScalarType dtype) {

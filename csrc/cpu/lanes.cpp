@@ -234,12 +234,6 @@ struct Pass {
   }
 };
 
-// The mean's divisors as the op's total_weight output holds them (in its dtype).
-Divisors read_divisors(const Tensor& total_weight) {
-  const std::vector<double> d = to_doubles(total_weight, 2, "total_weight");
-  return {d[0], d[1]};
-}
-
 }  // namespace
 
 ForwardResult lanes_forward(const Tensor& input, const Problem& p, const LossOptions& opt, Tensor* gx,
@@ -261,7 +255,7 @@ ForwardResult lanes_forward(const Tensor& input, const Problem& p, const LossOpt
     pass.z_loss = z_loss.data();
   }
   if (gx) {  // the gradient for grad_loss = 1, grad_z_loss = 0, as the backward op computes it
-    const RowGrads g = row_grads(1.0, 0.0, read_divisors(out.total_weight), opt.reduction);
+    const RowGrads g = row_grads(1.0, 0.0, divisors_of(out.total_weight), opt.reduction);
     pass.gx = layout_of(p, *gx);
     pass.has_gx = true;
     pass.g_all = g.ce;
@@ -285,7 +279,7 @@ void lanes_backward(const BackwardArgs& b, const Problem& p, Tensor& gx, Tensor*
   const Spans spans(p);
   if (!p.prob) Targets(p, b.opt).validate_and_weigh(spans);
   const bool per_row = b.opt.reduction == kNone;
-  const Divisors div = read_divisors(b.total_weight);
+  const Divisors div = divisors_of(b.total_weight);
   const int64_t n_grad = per_row ? p.rows : 1;
   std::vector<double> gl = to_doubles(b.grad_loss, n_grad, "grad_loss");
   std::vector<double> gz = to_doubles(b.grad_z_loss, n_grad, "grad_z_loss");
