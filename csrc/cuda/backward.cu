@@ -21,8 +21,10 @@ __device__ __forceinline__ double value_at(const Values& v, int64_t i, double ab
 }
 
 // Row r's lse as the CPU backend takes it: the saved one, or for a huge row its max and
-// log-sum recomputed from the logits (huge_lse_kernel).
+// log-sum recomputed from the logits (huge_lse_kernel); a vocabulary slice's is given as
+// (shift, rel) pairs.
 __device__ __forceinline__ RowLse row_lse_of(const BackwardArgs& a, int64_t r) {
+  if (a.v.opt.vocab_size >= 0) return split_lse(a.lse[2 * r], a.lse[2 * r + 1]);
   const double lse = a.lse[r];
   return a.huge_lse != nullptr && huge_lse(lse) ? a.huge_lse[r] : RowLse{0.0, lse};
 }

@@ -32,8 +32,10 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
   using A = acc_t<T>;
   const Rows& v = a.v;
   const RowTarget t = Prob ? RowTarget{false, -1} : target_of(v, r);
+  const bool slice = v.opt.vocab_size >= 0;  // a.lse holds rules.h's SliceLse per row
   if (t.ignored) {
-    a.lse[r] = a.row_loss[r] = a.row_zloss[r] = a.row_weight[r] = 0.0;
+    a.row_loss[r] = a.row_zloss[r] = a.row_weight[r] = 0.0;
+    if (slice) a.lse[3 * r] = a.lse[3 * r + 1] = a.lse[3 * r + 2] = 0.0; else a.lse[r] = 0.0;
     return;
   }
   const A* w = static_cast<const A*>(v.weight);
@@ -55,8 +57,18 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
   const double zl = z_loss(v.opt.lse_square_scale, full(l));
   a.row_loss[r] = ce + zl;
   a.row_zloss[r] = zl;
-  a.lse[r] = full(l);
   a.row_weight[r] = w_r;
+  if (!slice) {
+    a.lse[r] = full(l);
+    return;
+  }
+  // (Slices take class-index targets: Prob is false.)
+  const double lse_weight = class_row_lse_weight(here, w_r, eps, double(vocabulary(v.opt, v.classes)),
+                                                 class_weight_sum(v));
+  const SliceLse s = slice_lse(double(st.m), double(st.top) + double(st.rest), l.rel != l.rel, lse_weight);
+  a.lse[3 * r] = s.max;
+  a.lse[3 * r + 1] = s.log_sum;
+  a.lse[3 * r + 2] = s.lse_weight;
 }
 
 // One warp per unit (row, or piece of a row when v.chunks > 1).

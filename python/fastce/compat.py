@@ -59,10 +59,8 @@ def _vocab_parallel(logits, labels, options, process_group):
     rank = torch.distributed.get_rank(process_group)
     classes = logits.shape[1]
     options = options._replace(class_offset=rank * classes, vocab_size=world * classes)
-    losses, lse, _ = _VocabParallelLoss.apply(logits, labels, options, process_group)
-    z = options.lse_square_scale * lse * lse
-    z_losses = torch.where(labels == options.ignore_index, 0.0, z)
-    return losses.float(), z_losses.float()
+    losses, z_losses, _, _ = _VocabParallelLoss.apply(logits, labels, options, process_group)
+    return losses.float(), z_losses.detach().float()
 
 
 def flash_attn_cross_entropy_loss(
