@@ -389,6 +389,31 @@ def test_slice_options_add_up_to_the_whole_vocabulary(dtype):
     torch.testing.assert_close(merged, torch.where(t == -100, 0.0, whole.double()), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slice_lse_keeps_huge_rows_exact(dtype):
+    # A slice's lse as (max, log-sum): exact where max + log(sum) is not a float64 (rules.h:
+    # RowLse); the weight of the lse in its loss; the loss against its own lse.
+    from fastce._ops import LossOptions
+    x = torch.full((3, 6), HUGE[dtype], dtype=dtype)  # masked entirely
+    x[1, :2] = -HUGE[dtype] / 4  # two huge ties above masked logits
+    x[2] = 1e30
+    t = torch.tensor([13, 11, 20])  # in the slice [10, 16), elsewhere
+    opts = LossOptions(0, -100, 0.1, 1.0, None, 0.0, 10, 40)
+    loss, _, stats, _, _ = torch.ops.fastce.cross_entropy_forward(x, t, None, *opts, loss_dtype=torch.float64)
+    m, r, w = stats.unbind(-1)
+    x64 = x.double()
+    assert torch.equal(m, x64.amax(1))
+    torch.testing.assert_close(r, torch.tensor([6.0, 2.0, 6.0], dtype=torch.float64).log(), rtol=1e-15, atol=0)
+    here = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(w, 0.9 * here + 0.1 * 6 / 40, rtol=1e-15, atol=0)
+    # sum_c m_c (lse - z_c), each term in pieces (m - z_c) + r
+    mass = torch.full((3, 6), 0.1 / 40, dtype=torch.float64)
+    mass[0, 3] += 0.9
+    mass[1, 1] += 0.9
+    expected = (mass * ((m[:, None] - x64) + r[:, None])).sum(1)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
 def test_slice_backward_takes_lse_pairs():
     from fastce._ops import LossOptions
     x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
