@@ -5,6 +5,8 @@ Times cross-entropy forward and forward+backward over a grid of shapes against t
 ``torch.compile`` and, on CUDA, the peers that are installed; measures the device's bandwidth as
 the roofline; measures the peak memory of forward+backward per variant, each in its own process;
 prints a table and writes CSV, JSON and a PNG chart (when matplotlib is installed) to ``--out``.
+``--group shapes`` runs instead the segmentation and few-class shapes ((N, C, H, W), 3-D volumes,
+channels_last, binary rows): fwd+bwd against torch eager and torch.compile, with peak memory.
 
 What is timed:
 - fwd: ``loss = ce(logits, target)`` with logits that do not require grad (evaluation).
@@ -750,6 +752,108 @@ def draw_chart(report, path):
 
 
 # ---------------------------------------------------------------------------------------------
+# The shape group (--group shapes): segmentation (N, C, d1..dk) logits and rows of few classes,
+# fastce against torch eager and torch.compile on forward+backward of a mean loss, with each
+# variant's peak extra memory. Shapes are NxCxd1x..xdk (or ROWSxCLASSES); ":cl" = channels_last.
+
+SHAPE_GROUPS = {
+    "shapes": ["4x19x512x1024", "8x150x256x256", "16x2x512x512", "8388608x2", "65536x100",
+               "2x4x128x128x128", "4x19x512x1024:cl"],
+    "shapes-quick": ["2x19x128x256", "4x2x256x256", "262144x2", "2x4x32x32x32", "2x19x128x256:cl"],
+}
+SHAPE_VARIANTS = ("eager", "compile", "fastce")
+
+
+def shape_case(spec, dtype, device="cpu"):
+    """(logits, target) of one group shape."""
+    dims, _, layout = spec.partition(":")
+    shape = tuple(int(n) for n in dims.lower().split("x"))
+    torch.manual_seed(0)
+    logits = torch.randn(shape, dtype=DTYPES[dtype], device=device)
+    if layout == "cl":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        logits = logits.contiguous(memory_format=fmt)
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device)
+    return logits, target
+
+
+def shape_memory_probe(spec):
+    """Child process: peak extra bytes of one fwd+bwd of a group shape (see _peak_extra_bytes)."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    logits, target = shape_case(spec["shape"], spec["dtype"])
+    variant = BY_NAME[spec["variant"]]
+    setup, step = make_step(variant.make(), logits, target, "fwd+bwd", variant.inplace)
+    setup()
+    step()
+    setup()
+    fastce.empty_cache()
+    base = _rss_hwm_bytes(reset=True)
+    step()
+    print(json.dumps({"peak_extra_bytes": max(_rss_hwm_bytes() - base, 0)}), flush=True)
+
+
+def _shape_peak_memory(spec, variant, dtype, threads):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    job = {"shape": spec, "variant": variant, "dtype": dtype, "threads": threads}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--shape-memory-probe", json.dumps(job)],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)["peak_extra_bytes"]
+    return None
+
+
+def run_shape_group(args):
+    """Times the group's shapes (fwd+bwd, the variants interleaved), measures peak memory, prints
+    a table of medians (spreads), fastce's ratios and memory multiples; returns the rows."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timer = Timer("cpu", args.repeats, 0.5 if args.quick else 1.0, warmup=WARMUP)
+    names = [v.name for v in args.variant_list if v.name in SHAPE_VARIANTS]
+    results = []
+    for spec in SHAPE_GROUPS[args.group]:
+        for dname in args.dtype_list:
+            logits, target = shape_case(spec, dname)
+            reference = float(F.cross_entropy(logits.float(), target))
+            log(f"{spec} {dname}: {', '.join(names)}")
+            variants = [BY_NAME[v] for v in names]
+            rows = measure_case(variants, logits, target, "fwd+bwd", timer, reference)
+            nbytes = logits.numel() * logits.element_size()
+            for v, r in zip(variants, rows):
+                r.update(shape=spec, dtype=dname, variant=v.name, logits_bytes=nbytes)
+                if not args.no_memory:
+                    extra = _shape_peak_memory(spec, v.name, dname, args.threads)
+                    r["peak_extra_ratio"] = None if extra is None else extra / nbytes
+                results.append(r)
+            del logits, target
+    by = {(r["shape"], r["dtype"], r["variant"]): r for r in results}
+    header = ["shape", "dtype", "logits MB"] + [f"{v} ms" for v in names] + \
+        ["x eager", "x compile"] + ([f"mem {v}" for v in names] if not args.no_memory else [])
+    table = []
+    for spec, dname in dict.fromkeys((r["shape"], r["dtype"]) for r in results):
+        cells = [spec.replace(":cl", " channels_last"), dname,
+                 f"{by[(spec, dname, 'fastce')]['logits_bytes'] / 1e6:.1f}"]
+        cells += [_fmt_ms(by.get((spec, dname, v))) for v in names]
+        f = by.get((spec, dname, "fastce"), {})
+        for peer in ("eager", "compile"):
+            r = by.get((spec, dname, peer), {})
+            ok = "median_ms" in r and "median_ms" in f
+            cells.append(f"{r['median_ms'] / f['median_ms']:.2f}" if ok else "-")
+        if not args.no_memory:
+            for v in names:
+                m = by.get((spec, dname, v), {}).get("peak_extra_ratio")
+                cells.append("-" if m is None else f"{m:.2f}x")
+        table.append(cells)
+    print("\nfwd+bwd of a mean loss; times in ms: median (IQR/median of the repeats), * = spread over "
+          f"{100 * SPREAD_WARN:.0f}%; x V = V's time / fastce's; mem V = V's peak extra memory (RSS "
+          "high-water mark, own process) / the logits' size")
+    _print_rows(header, table)
+    print_spread_warning([{**r, "rows": r["shape"], "classes": "", "pass": "fwd+bwd"} for r in results])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
@@ -769,13 +873,17 @@ def parse_args(argv):
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.csv/json and the chart")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--replot", metavar="DIR", help="print the table and draw the chart of DIR/results.json")
+    p.add_argument("--group", choices=sorted(SHAPE_GROUPS),
+                   help="run only a shape group: 'shapes' (segmentation NxCxHxW, channels_last, and rows "
+                        "of few classes; fwd+bwd against torch eager and torch.compile), 'shapes-quick'")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: the child process
+    p.add_argument("--shape-memory-probe", help=argparse.SUPPRESS)  # internal: the child process
     args = p.parse_args(argv)
     if args.shapes:
         args.shape_list = [tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
     else:
         args.shape_list = GRIDS["quick" if args.quick else args.device + ("-full" if args.full else "")]
-    args.dtype_list = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
+    args.dtype_list = (args.dtypes or ("float32" if args.quick or args.group else "float32,bfloat16")).split(",")
     for d in args.dtype_list:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
@@ -792,6 +900,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_probe:
         return memory_probe(json.loads(args.memory_probe))
+    if args.shape_memory_probe:
+        return shape_memory_probe(json.loads(args.shape_memory_probe))
+    if args.group:
+        return run_shape_group(args)
     if args.replot:
         with open(os.path.join(args.replot, "results.json")) as f:
             report = json.load(f)

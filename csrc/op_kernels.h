@@ -6,6 +6,8 @@
 //   static Tensor new_grad_buffer(const Problem&, const Tensor& input);
 //   static void backward_into(const BackwardArgs&, const Problem&, Tensor& grad2d, Tensor* grad_target2d);
 //   struct Guard { explicit Guard(const Tensor& input); };  // the device to run on
+// and, optionally, `static constexpr int64_t kSpatialMinInner` (see prepare: a backend with
+// spatial kernels; its new_grad_buffer then gives a spatial problem a buffer of the input's shape).
 #pragma once
 #include "problem.h"
 
@@ -25,6 +27,18 @@ struct BackwardArgs {
 };
 
 namespace detail {
+
+template <class Backend>
+constexpr int64_t spatial_min_inner() {
+  if constexpr (requires { Backend::kSpatialMinInner; }) return Backend::kSpatialMinInner;
+  else return 0;
+}
+
+template <class Backend>
+Problem prepare_for(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                    const LossOptions& opt) {
+  return prepare(input, target, weight, opt, spatial_min_inner<Backend>());
+}
 
 struct LossCall {
   Tensor input, target;
@@ -92,7 +106,7 @@ void forward_kernel(StableIValue* stack, uint64_t, uint64_t) {
   const bool compute_grad = a.flag();
   const std::optional<ScalarType> loss_dtype = a.optional_dtype();
   const typename Backend::Guard guard(c.input);
-  const Problem p = prepare(c.input, c.target, c.weight, c.opt);
+  const Problem p = detail::prepare_for<Backend>(c.input, c.target, c.weight, c.opt);
   FASTCE_CHECK_VALUE(!loss_dtype.has_value() || is_floating(*loss_dtype),
                      "loss_dtype must be a floating point dtype, got ", *loss_dtype);
   ForwardResult r = Backend::forward(c.input, p, c.opt, compute_grad, loss_dtype.value_or(p.dtype));
@@ -109,7 +123,7 @@ void backward_kernel(StableIValue* stack, uint64_t, uint64_t) {
   const Tensor& input = c.loss.input;
   const bool compute_grad_target = a.flag();
   const typename Backend::Guard guard(input);
-  const Problem p = prepare(input, c.loss.target, c.loss.weight, b.opt);
+  const Problem p = detail::prepare_for<Backend>(input, c.loss.target, c.loss.weight, b.opt);
   detail::set_lse_columns(c.args, p);
   Tensor gx2d = Backend::new_grad_buffer(p, input);
   const bool grad_y = compute_grad_target && p.prob;
@@ -127,10 +141,12 @@ void backward_inplace_kernel(StableIValue* stack, uint64_t, uint64_t) {
   const BackwardArgs& b = c.args;
   Tensor& input = c.loss.input;
   const typename Backend::Guard guard(input);
-  const Problem p = prepare(input, c.loss.target, c.loss.weight, b.opt);
+  const Problem p = detail::prepare_for<Backend>(input, c.loss.target, c.loss.weight, b.opt);
   detail::set_lse_columns(c.args, p);
-  const bool same_storage = input.dim() <= 2 && p.logits.data_ptr() == input.data_ptr() &&
-                            (p.classes <= 1 || p.logits.stride(1) == 1);
+  // (A spatial problem's logits are a view of the input in its own layout.)
+  const bool same_storage = (input.dim() <= 2 || (p.spatial && input.is_contiguous())) &&
+                            p.logits.data_ptr() == input.data_ptr() &&
+                            (p.classes <= 1 || p.spatial || p.logits.stride(1) == 1);
   if (same_storage && !detail::rows_overlap(p)) {
     Tensor gx2d = p.logits;
     Backend::backward_into(b, p, gx2d, nullptr);

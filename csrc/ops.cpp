@@ -27,6 +27,11 @@ const std::string kOptionsSchema =
     "int reduction=1, int ignore_index=-100, float label_smoothing=0.0, float logit_scale=1.0, "
     "float? softcap=None, float lse_square_scale=0.0, int class_offset=0, int vocab_size=-1";
 
+// The options of the token ops after their tensors, in TokenOptions' order (rules.h), and
+// python/fastce/token.py's TokenOptions. The transforms apply in this order: logit_scale,
+// softcap, then / temperature.
+const std::string kTokenOptionsSchema = "float temperature=1.0, float logit_scale=1.0, float? softcap=None";
+
 // The instruction set the CPU kernels use now (FASTCE_CPU_ISA can force one).
 void cpu_isa(StableIValue* stack, uint64_t, uint64_t) {
   const cpu::RowKernels* k = cpu::select_kernels(std::getenv("FASTCE_CPU_ISA"));
@@ -75,6 +80,29 @@ STABLE_TORCH_LIBRARY(fastce, m) {
   m.def(("linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor linear_weight, "
          "Tensor? linear_bias, Tensor target, Tensor? weight, Tensor lse, " + kOptionsSchema +
          linear_flags + " -> (Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)").c_str());
+  // Per-token outputs (python/fastce/token.py). logits (*, V); index (*) or (*, K) class
+  // indices. logprobs: log_softmax(z)[index], shaped as index; entropy: -sum p log p per row
+  // (with compute_entropy, else empty); lse: float64 log-sum-exp of each row's z (for the
+  // backward); argmax: int64 index of each row's largest z (first on ties, a NaN first, as
+  // torch.argmax; with compute_argmax, else empty). logprobs and entropy in float32 (float64 for
+  // float64 logits).
+  m.def(("token_logprobs_forward(Tensor logits, Tensor index, " + kTokenOptionsSchema +
+         ", bool compute_entropy=False, bool compute_argmax=False) -> (Tensor logprobs, Tensor entropy, "
+         "Tensor lse, Tensor argmax)").c_str());
+  // The logits' gradient (their dtype and shape, contiguous) for the gradients of logprobs
+  // and entropy (either may be None).
+  m.def(("token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor index, "
+         "Tensor lse, Tensor entropy, " + kTokenOptionsSchema + ") -> Tensor grad_logits").c_str());
+  // The same with the LM head fused (python/fastce/token.py, over row chunks): input (N, H),
+  // linear_weight (V, H), linear_bias (V) or None; the logits are never materialized whole.
+  m.def(("linear_token_logprobs_forward(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor index, " +
+         kTokenOptionsSchema + ", bool compute_entropy=True, int? chunk_size=None) -> "
+         "(Tensor logprobs, Tensor entropy, Tensor lse)").c_str());
+  m.def(("linear_token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor input, "
+         "Tensor linear_weight, Tensor? linear_bias, Tensor index, Tensor lse, Tensor entropy, " +
+         kTokenOptionsSchema + ", int? chunk_size=None, bool grad_input=False, bool grad_linear_weight=False, "
+         "bool grad_linear_bias=False) -> (Tensor grad_input, Tensor grad_linear_weight, "
+         "Tensor grad_linear_bias)").c_str());
   m.def("cpu_isa() -> str");
   // Unmaps the CPU gradient buffer kept for reuse (cpu/grad_buffer.cpp).
   m.def("empty_cache() -> ()");

@@ -109,10 +109,39 @@ Tensor rows_last(const Tensor& t, int64_t rows, int64_t classes) {
   return v;
 }
 
+// Whether dimensions [from, dim) of t are laid out as a contiguous tensor's (unit innermost stride).
+bool contiguous_from(const Tensor& t, int64_t from) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= from; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+// The (N, C, inner) view of t for a spatial problem, or nullopt where t's layout has none
+// (positions not contiguous, or classes that overlap them).
+std::optional<Tensor> spatial_view(const Tensor& t, int64_t classes, int64_t inner) {
+  if (!contiguous_from(t, 2) || (t.stride(1) < inner && classes > 1)) return std::nullopt;
+  return torch::stable::reshape(t, {t.size(0), classes, inner});
+}
+
+// Whether t's classes (dimension 1) are its innermost dimension, its positions in order after
+// them: (N, d1..dk, C) contiguous, seen as (N, C, d1..dk) (channels_last).
+bool classes_innermost(const Tensor& t) {
+  if (t.dim() < 3 || t.stride(1) != 1) return false;
+  int64_t expected = t.size(1);
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return t.size(0) == 1 || t.stride(0) == expected;
+}
+
 }  // namespace
 
 Problem prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                const LossOptions& opt) {
+                const LossOptions& opt, int64_t spatial_min_inner) {
   Problem p;
   check_same_device(input, target);
   if (weight.has_value()) check_same_device(input, *weight);
@@ -145,10 +174,22 @@ Problem prepare(const Tensor& input, const Tensor& target, const std::optional<T
   p.rows = 1;
   for (int64_t s : p.row_shape) p.rows *= s;
 
-  p.logits = rows_last(input, p.rows, p.classes);
+  std::optional<Tensor> spatial;
+  const int64_t inner = dim >= 3 ? p.rows / std::max<int64_t>(input.size(0), 1) : 1;
+  if (spatial_min_inner > 0 && dim >= 3 && p.classes > 1 && inner >= spatial_min_inner && opt.vocab_size < 0 &&
+      input.stride(1) != 1)
+    spatial = spatial_view(input, p.classes, inner);
+  p.spatial = spatial.has_value();
+  p.inner = p.spatial ? inner : 1;
+  p.logits = p.spatial ? *spatial : rows_last(input, p.rows, p.classes);
   if (p.prob) {
     const Tensor y = target.scalar_type() == p.dtype ? target : torch::stable::to(target, p.dtype);
-    p.target = rows_last(y, p.rows, p.classes);
+    if (p.spatial) {
+      std::optional<Tensor> ys = spatial_view(y, p.classes, inner);
+      p.target = ys ? *ys : *spatial_view(torch::stable::contiguous(y), p.classes, inner);
+    } else {
+      p.target = rows_last(y, p.rows, p.classes);
+    }
   } else {
     p.target = target.dim() == 1 && target.is_contiguous()
                    ? target
@@ -184,9 +225,18 @@ Tensor empty_on(const Tensor& like, IntArrayRef shape, ScalarType dtype) {
 }
 
 Tensor grad_to_input_layout(const Tensor& grad2d, const Tensor& input) {
-  if (input.dim() == 2) return grad2d;  // already (rows, classes): no view to make
+  // already (rows, classes), or already the input's shape (spatial): no view to make
+  if (input.dim() == 2 || grad2d.sizes().equals(input.sizes())) return grad2d;
   if (input.dim() < 2) return torch::stable::reshape(grad2d, input.sizes());
   const int64_t n = input.size(0), classes = input.size(1);
+  if (classes_innermost(input)) {  // (N, d1..dk, C), its classes moved to dimension 1 by transposes
+    std::vector<int64_t> shape{n};
+    for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
+    shape.push_back(classes);
+    Tensor g = torch::stable::reshape(grad2d, shape);
+    for (int64_t d = input.dim() - 1; d > 1; --d) g = torch::stable::transpose(g, d, d - 1);
+    return g;
+  }
   const Tensor nsc = torch::stable::reshape(grad2d, {n, grad2d.size(0) / std::max<int64_t>(n, 1), classes});
   return torch::stable::reshape(torch::stable::contiguous(torch::stable::transpose(nsc, 1, 2)), input.sizes());
 }

@@ -82,7 +82,20 @@ inline bool is_floating(ScalarType t) {
 }
 // Bytes per element of the floating types the ops take.
 inline size_t element_size(ScalarType t) {
-  return t == ScalarType::Double ? 8 : t == ScalarType::Float ? 4 : 2;
+  switch (t) {
+    case ScalarType::Double:
+    case ScalarType::Long: return 8;
+    case ScalarType::Float:
+    case ScalarType::Int: return 4;
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+    case ScalarType::Short: return 2;
+    case ScalarType::Byte:
+    case ScalarType::Char:
+    case ScalarType::Bool: return 1;
+    default: FASTCE_CHECK_VALUE(false, "fastce: unsupported dtype ", int(t));
+  }
+  return 0;
 }
 // float, or double for double inputs.
 inline ScalarType accumulation_type(ScalarType t) {

@@ -474,3 +474,24 @@ def test_a_forward_that_computes_its_own_loss():
     m = fastce.hf.patch(OwnLoss(transformers.LlamaConfig(**DECODER)))
     with pytest.raises(RuntimeError, match="called self.loss_function 0 times"):
         m(**batch(0))
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma2_softcap"], indirect=True)
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_token_accuracy_passes_through(model, keep_logits):
+    """return_token_accuracy: the training output's token_accuracy is the argmax accuracy of the
+    unpatched model's logits over the non-ignored shifted labels; the loss is unchanged."""
+    kwargs = batch(6)
+    with torch.no_grad():
+        want = model(**kwargs)
+    target = F.pad(kwargs["labels"], (0, 1), value=-100)[:, 1:]
+    valid = target != -100
+    accuracy = (want.logits.argmax(-1) == target)[valid].double().mean()
+    fastce.hf.patch(model, return_token_accuracy=True, keep_logits=keep_logits)
+    with torch.no_grad():
+        got = model(**kwargs)
+    torch.testing.assert_close(got.loss, want.loss, rtol=2e-5, atol=0)
+    torch.testing.assert_close(got.token_accuracy.double(), accuracy)
+    model.eval()
+    with torch.no_grad():
+        assert "token_accuracy" not in model(input_ids=kwargs["input_ids"])  # no labels: unchanged

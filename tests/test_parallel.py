@@ -366,12 +366,19 @@ def test_slice_options_add_up_to_the_whole_vocabulary(dtype):
     x = torch.randn(7, 30, generator=gen).to(dtype)
     t = torch.tensor([0, 29, -100, 12, 3, 17, 25])
     base = LossOptions(0, -100, 0.1, 0.8, 3.0, 0.0)
-    whole, _, whole_lse, tw, _ = torch.ops.fastce.cross_entropy_forward(x, t, None, *base,
+    # The whole vocabulary as one slice (vocab_size=30): the same loss as without it, computed by
+    # the row kernels as the slices are (a plain 30-class input takes the few-class kernels, whose
+    # sums run in another order), so that the gradients can be compared bit for bit.
+    whole_opts = base._replace(vocab_size=30)
+    whole, _, whole_lse, tw, _ = torch.ops.fastce.cross_entropy_forward(x, t, None, *whole_opts,
                                                                         loss_dtype=torch.float64)
     g = torch.rand(7, generator=gen, dtype=torch.float64)
     whole_grad = torch.ops.fastce.cross_entropy_backward(g, torch.zeros_like(g), x, t, None, whole_lse, tw,
-                                                         *base)[0]
-    pair = torch.stack([torch.zeros_like(whole_lse), whole_lse], -1)
+                                                         *whole_opts)[0]
+    plain = torch.ops.fastce.cross_entropy_forward(x, t, None, *base, loss_dtype=torch.float64)[0]
+    torch.testing.assert_close(plain, whole, rtol=1e-6, atol=1e-6)
+    pair = whole_lse[:, :2].contiguous()  # the whole vocabulary's lse as (shift, rel)
+    L = whole_lse[:, 0] + whole_lse[:, 1]
     merged = torch.zeros(7, dtype=torch.float64)
     for a, b in _slices(30, [10, 10, 21]):  # one slice is empty
         opts = base._replace(class_offset=a, vocab_size=30)
@@ -381,7 +388,7 @@ def test_slice_options_add_up_to_the_whole_vocabulary(dtype):
         m, r, w = stats.unbind(-1)
         here = ((t >= a) & (t < b)).double()
         torch.testing.assert_close(w, torch.where(t == -100, 0.0, 0.9 * here + 0.1 * (b - a) / 30))
-        merged += loss + torch.where(w == 0, 0.0, w * (whole_lse - (m + r)))
+        merged += loss + torch.where(w == 0, 0.0, w * (L - (m + r)))
         grad = torch.ops.fastce.cross_entropy_backward(g, torch.zeros_like(g), x[:, a:b], t, None, pair,
                                                        tw, *opts)[0]
         torch.testing.assert_close(grad, whole_grad[:, a:b], rtol=0, atol=0)

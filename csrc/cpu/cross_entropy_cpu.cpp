@@ -8,6 +8,7 @@
 #include "../op_kernels.h"
 #include "driver.h"
 #include "grad_buffer.h"
+#include "lanes.h"
 
 namespace fastce {
 namespace {
@@ -235,8 +236,13 @@ struct Cpu {
     explicit Guard(const Tensor&) {}
   };
 
+  // (N, C, d1..dk) logits with this many positions or more are kept in their layout (lanes.h).
+  static constexpr int64_t kSpatialMinInner = cpu::kSpatialMinInner;
+
+  // (rows, classes); a spatial problem's in the input's shape (and contiguous layout).
   static Tensor new_grad_buffer(const Problem& p, const Tensor& input) {
-    return cpu::new_grad_buffer(p.rows, p.classes, p.dtype, input);
+    Tensor g = cpu::new_grad_buffer(p.rows, p.classes, p.dtype, input);
+    return p.spatial ? torch::stable::reshape(g, input.sizes()) : g;
   }
 
   // compute_grad: also the gradient for grad_loss = 1 and grad_z_loss = 0. With enough rows
@@ -245,6 +251,11 @@ struct Cpu {
   // after the pieces' statistics are merged (by the backward pass).
   static ForwardResult forward(const Tensor& input, const Problem& p, const LossOptions& opt, bool compute_grad,
                                ScalarType loss_dtype) {
+    if (cpu::takes_lanes(p, opt)) {  // spatial problems and rows of few classes (lanes.h)
+      if (!compute_grad) return cpu::lanes_forward(input, p, opt, nullptr, loss_dtype);
+      Tensor gx = new_grad_buffer(p, input);
+      return cpu::lanes_forward(input, p, opt, &gx, loss_dtype);
+    }
     const Rows rows(p, opt);
     const int64_t np = rows.pieces();
     std::vector<cpu::PieceStats> stats(p.rows * np);
@@ -311,6 +322,7 @@ struct Cpu {
   }
 
   static void backward_into(const BackwardArgs& b, const Problem& p, Tensor& gx2d, Tensor* gy2d) {
+    if (cpu::takes_lanes(p, b.opt)) return cpu::lanes_backward(b, p, gx2d, gy2d);
     backward_rows(Rows(p, b.opt), b, gx2d, gy2d);
   }
 

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <new>
 #include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -60,7 +61,9 @@ void unmap_block(Block* b) {
   if (b) munmap(b->map, b->map_size);  // the header goes with the mapping
 }
 
-// The latest freed buffer, kept for the next gradient of a similar size.
+// The latest freed buffer, kept for the next gradient of a similar size. Slot 0 holds
+// gradients, slot 1 per-row values (the lanes path's lse): a step frees one of each.
+template <int Slot>
 class KeptBlock {
  public:
   static KeptBlock& instance() {
@@ -93,21 +96,40 @@ class KeptBlock {
 
 }  // namespace
 
-Tensor new_grad_buffer(int64_t rows, int64_t classes, ScalarType dtype, const Tensor& like) {
+namespace {
+// A contiguous tensor of `shape` from slot Slot's kept memory when large enough, else torch's.
+template <int Slot>
+Tensor kept_or_new(IntArrayRef shape, ScalarType dtype, const Tensor& like) {
 #if defined(__linux__)
-  const size_t nbytes = size_t(rows) * size_t(classes) * element_size(dtype);
+  std::vector<int64_t> strides(shape.size());
+  size_t numel = 1;
+  for (size_t d = shape.size(); d-- > 0;) {
+    strides[d] = int64_t(numel);
+    numel *= size_t(shape[d]);
+  }
+  const size_t nbytes = numel * element_size(dtype);
   if (nbytes >= kMinKept) {
-    Block* b = KeptBlock::instance().take(nbytes);
-    return torch::stable::from_blob(b->data(), {rows, classes}, {classes, 1},
-                                    torch::stable::Device(DeviceType::CPU), dtype, &KeptBlock::release);
+    Block* b = KeptBlock<Slot>::instance().take(nbytes);
+    return torch::stable::from_blob(b->data(), shape, IntArrayRef(strides), torch::stable::Device(DeviceType::CPU),
+                                    dtype, &KeptBlock<Slot>::release);
   }
 #endif
-  return empty_on(like, {rows, classes}, dtype);
+  return empty_on(like, shape, dtype);
+}
+}  // namespace
+
+Tensor new_grad_buffer(int64_t rows, int64_t classes, ScalarType dtype, const Tensor& like) {
+  return kept_or_new<0>({rows, classes}, dtype, like);
+}
+
+Tensor new_row_buffer(IntArrayRef shape, ScalarType dtype, const Tensor& like) {
+  return kept_or_new<1>(shape, dtype, like);
 }
 
 void release_kept_buffer() {
 #if defined(__linux__)
-  KeptBlock::instance().release_kept();
+  KeptBlock<0>::instance().release_kept();
+  KeptBlock<1>::instance().release_kept();
 #endif
 }
 

@@ -11,6 +11,7 @@ from .functional import cross_entropy
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
 from .parallel import vocab_parallel_cross_entropy
+from .token import CrossEntropyOutput, entropy, linear_token_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,4 @@ def has_cuda_kernels() -> bool:
     return _C_cuda is not None
 
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "vocab_parallel_cross_entropy", "cpu_isa", "empty_cache", "has_cuda_kernels", "__version__"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "vocab_parallel_cross_entropy", "token_logprobs", "entropy", "linear_token_logprobs", "CrossEntropyOutput", "cpu_isa", "empty_cache", "has_cuda_kernels", "__version__"]

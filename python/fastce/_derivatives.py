@@ -11,10 +11,12 @@ for the incoming gradients g, gz (divided by the mean's divisor). Its derivative
 
 Per row, in the transformed logits z = T(x) (rules.h: logit_transform) with p = softmax(z),
 every loss is A * lse(z) minus a term linear in z (A: the weight of lse in the row's loss,
-the same quantity rules.h's grad_coef folds into coef_p), and the z-loss is
-lss * w_r * lse^2. With the Hessian of lse, diag(p) - p p^T:
+the same quantity rules.h's grad_coef folds into coef_p), and the z-loss is lss * lse^2 on
+every non-ignored row (v_r = 1, 0 if ignored). With the incoming gradients divided by the
+mean's divisors as rules.h's row_grads does (g_ce = g / total weight, g_z = (g + gz) / the
+non-ignored rows, for 'mean') and the Hessian of lse, diag(p) - p p^T:
     H_zz v = c1 (p * v - p (p . v)) + c2 p (p . v),
-    c1 = g A + 2 lss w_r lse (g + gz)   (= grad_coef's coef_p),   c2 = 2 lss w_r (g + gz).
+    c1 = g_ce A + 2 lss v_r lse g_z   (= grad_coef's coef_p),   c2 = 2 lss v_r g_z.
 In x: H_xx v = s * H_zz (s * v) + T''(x) * dPhi/dz * v with s = T'(x); for the soft cap
 T'' = -2 k u s (u = tanh(k x), k = logit_scale / softcap), so the last term is
 -2 k u * grad_x * v with the gradient op's own output grad_x.
@@ -76,7 +78,8 @@ def _check_supported(options):
 
 def _row_terms(x2d, target, weight, input, options, g, gz):
     """p, the class weights w (C,), and the rows' c1, c2 and y-coefficient g (1 - eps)
-    (all (rows, 1); zero for ignored rows)."""
+    (all (rows, 1); zero for ignored rows), for the divided incoming gradients g (of the
+    cross-entropy) and gz (of the z-loss)."""
     classes = x2d.shape[1]
     z, slope, curve = _transform(x2d, options)
     lse = torch.logsumexp(z, dim=1, keepdim=True)
@@ -87,15 +90,15 @@ def _row_terms(x2d, target, weight, input, options, g, gz):
     if target.is_floating_point():
         y = rows_view(target, input).to(x2d.dtype)
         lse_weight = (1 - eps) * (y * w).sum(dim=1, keepdim=True) + smooth
-        row_weight = torch.ones_like(lse_weight)
+        counted = torch.ones_like(lse_weight)
     else:
         t = target.reshape(-1, 1).long()
         valid = t != options.ignore_index
-        row_weight = torch.where(valid, w[t.clamp(0, classes - 1)], 0)
-        lse_weight = torch.where(valid, (1 - eps) * row_weight + smooth, 0)
+        lse_weight = torch.where(valid, (1 - eps) * w[t.clamp(0, classes - 1)] + smooth, 0)
+        counted = valid.to(x2d.dtype)
     lss = options.lse_square_scale
-    c1 = g * lse_weight + 2 * lss * row_weight * lse * (g + gz)
-    c2 = 2 * lss * row_weight * (g + gz)
+    c1 = g * lse_weight + 2 * lss * counted * lse * gz
+    c2 = 2 * lss * counted * gz
     return p, slope, curve, w, c1, c2, g * (1 - eps)
 
 
@@ -106,9 +109,10 @@ def hessian_product(x_dir, y_dir, input, target, weight, grad_loss, grad_z_loss,
     for class-index targets."""
     _check_supported(options)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    divisor = total_weight.to(acc) if options.reduction == 1 else 1.0
-    g = per_row(grad_loss.to(acc), input, options.reduction) / divisor
-    gz = per_row(grad_z_loss.to(acc), input, options.reduction) / divisor
+    divisors = total_weight.to(acc) if options.reduction == 1 else (1.0, 1.0)  # (total weight, rows)
+    g_loss = per_row(grad_loss.to(acc), input, options.reduction)
+    g = g_loss / divisors[0]
+    gz = (g_loss + per_row(grad_z_loss.to(acc), input, options.reduction)) / divisors[1]
     x2d = rows_view(input, input).to(acc)
     p, slope, curve, w, c1, c2, y_coef = _row_terms(x2d, target, weight, input, options, g, gz)
     prob = target.is_floating_point()

@@ -546,21 +546,18 @@ def _cheap_apply(function):
     The wrapper binds default arguments through ``inspect.signature`` on every call (~15 us,
     half a 64x10 batch's forward+backward); its other work, routing torch.func transforms and
     unwrapping tensors that escaped one, is kept: a transform (and torch.compile) takes the
-    public path, and escaped tensors are unwrapped as the wrapper does. A torch without these
-    internals gets the public path always."""
+    public path, and escaped tensors (the first three arguments) are unwrapped as the wrapper
+    does. A torch without these internals gets the public path always."""
     raw = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
-    try:
-        from torch._functorch.utils import unwrap_dead_wrappers
-    except ImportError:
-        raw = None
-    if raw is None:
+    unwrap = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+    if raw is None or unwrap is None:
         return function.apply
     raw_apply = raw.__get__(None, function)
 
-    def apply(*args):
+    def apply(input, target, weight, *rest):
         if not _plain_eager():  # (dynamo traces the public one)
-            return function.apply(*args)
-        return raw_apply(*unwrap_dead_wrappers(args))
+            return function.apply(input, target, weight, *rest)
+        return raw_apply(unwrap(input), unwrap(target), weight if weight is None else unwrap(weight), *rest)
     return apply
 
 

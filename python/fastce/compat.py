@@ -45,8 +45,13 @@ class _PrecomputedLse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses, _grad_z_losses):  # z_losses are for logging (as flash-attn)
         logits, labels, lse = ctx.saved_tensors
-        args = (grad_losses.contiguous(), torch.zeros_like(grad_losses), logits, labels, None, lse.double(),
-                _row_divisors(lse), *ctx.options)
+        # As a slice that is the whole vocabulary: the kernels take a slice's lse as given
+        # (some recompute a whole row's own lse instead of reading it), as (shift, rel) pairs.
+        options = ctx.options._replace(class_offset=0, vocab_size=logits.shape[1])
+        lse = lse.double()
+        pairs = torch.stack([torch.zeros_like(lse), lse], -1)
+        args = (grad_losses.contiguous(), torch.zeros_like(grad_losses), logits, labels, None, pairs,
+                _row_divisors(lse), *options)
         if ctx.inplace_backward:
             call(ops.cross_entropy_backward_inplace.default, *args)
             return logits, None, None, None, None

@@ -71,6 +71,9 @@ def cross_entropy(
     return_z_loss: bool = False,
     inplace_backward: bool = False,
     loss_dtype: Optional[torch.dtype] = None,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+    use_token_scaling: bool = False,
 ):
     """Cross-entropy between logits and targets; a drop-in for
     ``torch.nn.functional.cross_entropy`` (same arguments, results, gradients and errors).
@@ -89,6 +92,15 @@ def cross_entropy(
       ``torch.autocast``, float32 for 16-bit input, as torch). ``torch.float32`` gives 16-bit
       logits a float32 loss without rounding it to 16 bits (as flash-attn and quack return it).
       The gradient keeps the input's dtype.
+    - ``return_token_accuracy``: also the fraction of non-ignored tokens whose argmax is the
+      target (per token, 0 at ignored positions, for ``reduction='none'``).
+    - ``return_predicted_tokens``: also the argmax of each position (lowest index on ties, as
+      ``torch.argmax``; -1 at ignored positions).
+    - ``use_token_scaling``: each token's loss is multiplied by the (detached) predicted
+      probability of its target.
+
+    With any of the last three, the result is a :class:`fastce.token.CrossEntropyOutput`
+    ``(loss, z_loss, token_accuracy, predicted_tokens)`` (None for what is not requested).
     """
     if is_dtensor(input):  # torch's loss_parallel() pattern, and batch-sharded logits
         from .parallel import dtensor_cross_entropy
@@ -115,6 +127,11 @@ def cross_entropy(
     options = LossOptions(reduction_enum, ignore_index, float(label_smoothing), float(logit_scale),
                           None if softcap is None else float(softcap), float(lse_square_scale))
     try:
+        if return_token_accuracy or return_predicted_tokens or use_token_scaling:
+            from .token import cross_entropy_token_outputs
+            return cross_entropy_token_outputs(input, target, weight, options, bool(inplace_backward), return_z_loss,
+                                               return_token_accuracy, return_predicted_tokens, use_token_scaling,
+                                               loss_dtype)
         loss, z_loss = cross_entropy_loss(input, target, weight, options, bool(inplace_backward), loss_dtype)
     except _ARGUMENT_ERRORS as error:
         raise_as_torch(error, lambda: torch.nn.functional.cross_entropy(

@@ -36,12 +36,13 @@ except ImportError as e:  # transformers is an optional dependency of fastce
 
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
+from .token import CrossEntropyOutput
 
 __all__ = ["patch", "unpatch"]
 
 _STATE = "_fastce_hf"  # attribute of the patched model and of its LM head: their _Patch
 
-_LOSS_OPTIONS = ("label_smoothing", "lse_square_scale", "chunk_size")
+_LOSS_OPTIONS = ("label_smoothing", "lse_square_scale", "chunk_size", "return_token_accuracy")
 _FROM_CONFIG = ("logit_scale", "softcap")
 
 # What the head returns instead of the logits in a fused forward. Magnitudes from 1 to 1000, so
@@ -72,6 +73,7 @@ class _Patch:
         self.mode = mode
         self.hidden = None  # the LM head's input, kept during a fused forward
         self.logits = None  # what the forward passed to its loss function as logits
+        self.token_accuracy = None  # with return_token_accuracy: the loss's by-product
         self.head_calls = self.loss_calls = 0
 
     def finish(self):
@@ -86,9 +88,9 @@ class _Patch:
                 f"fastce.hf: {self.name}.forward called self.loss_function {self.loss_calls} "
                 f"times in a training forward with labels, not once (it computes its loss in "
                 f"its own way); fastce.hf cannot replace it (unpatch the model)")
-        logits = self.logits
+        logits, accuracy = self.logits, self.token_accuracy
         self.start(None)
-        return logits
+        return logits, accuracy
 
 
 def patch(model, **options):
@@ -98,7 +100,9 @@ def patch(model, **options):
     ``model``: a transformers causal LM (any ``*ForCausalLM``, GPT-2's ``LMHeadModel``, ...), a
     PEFT model around one, or ``torch.compile``'s wrapper of either (better: patch, then
     compile). Options, as in :func:`fastce.linear_cross_entropy`: ``label_smoothing``,
-    ``lse_square_scale``, ``chunk_size``; and ``keep_logits=True``, which keeps the model's
+    ``lse_square_scale``, ``chunk_size``, ``return_token_accuracy`` (a training forward's output
+    then has ``token_accuracy``: the fraction of its non-ignored labels whose argmax logit is
+    right, a by-product of the loss); and ``keep_logits=True``, which keeps the model's
     logits in the output and computes the loss from them with :func:`fastce.cross_entropy`
     (for trainers that read the logits; no memory saved on them). ``logit_scale`` and
     ``softcap`` are read from the model's config.
@@ -259,8 +263,11 @@ def _patched_forward(model, args, kwargs):
         output = state.old_forward(*args, **kwargs)
     else:
         output = type(model).forward(model, *args, **kwargs)
-    logits = state.finish()
-    return _without(output, logits) if mode == _FUSED else output
+    logits, accuracy = state.finish()
+    output = _without(output, logits) if mode == _FUSED else output
+    if accuracy is not None and isinstance(output, ModelOutput):
+        output["token_accuracy"] = accuracy  # (as Liger's patched models return it)
+    return output
 
 
 def _mode(model, state, args, kwargs):
@@ -313,6 +320,8 @@ def _loss_function(model, logits, labels, vocab_size, num_items_in_batch=None, i
     else:
         loss = _fused_loss(state, model.config, logits, vocab_size, target, ignore_index,
                            reduction)
+    if isinstance(loss, CrossEntropyOutput):  # return_token_accuracy=True
+        state.token_accuracy, loss = loss.token_accuracy, loss.loss
     return _normalized(loss, num_items_in_batch)
 
 

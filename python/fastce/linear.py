@@ -391,6 +391,9 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     shift: int = 0,
     loss_dtype: Optional[torch.dtype] = None,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+    use_token_scaling: bool = False,
 ) -> Tensor:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without
     materializing the logits; the same arguments and results as torch 2.13's
@@ -415,7 +418,18 @@ def linear_cross_entropy(
     Peak extra memory is one chunk of logits plus the gradients. ``reduction='mean'/'sum'``
     computes the gradients during the forward pass when they are needed, so backward is
     cheap; ``'none'`` recomputes the logits in backward.
+
+    ``return_token_accuracy``, ``return_predicted_tokens``, ``use_token_scaling``: as in
+    :func:`fastce.cross_entropy` (a ``CrossEntropyOutput`` is returned); together they take one
+    more pass of matmuls over the chunks (a ``(V, H)`` linear_weight only).
     """
+    if return_token_accuracy or return_predicted_tokens or use_token_scaling:
+        from .token import linear_cross_entropy_token_outputs
+        return linear_cross_entropy_token_outputs(
+            input, linear_weight, target, linear_bias, weight, reduction, ignore_index, return_token_accuracy,
+            return_predicted_tokens, use_token_scaling, label_smoothing=label_smoothing, options=options,
+            logit_scale=logit_scale, softcap=softcap, lse_square_scale=lse_square_scale, chunk_size=chunk_size,
+            shift=shift, loss_dtype=loss_dtype)
     if shift:
         input, target, unshift = _shifted(input, target, shift, ignore_index, linear_weight)
     batch, classes, spatial = _check_shapes(input, linear_weight, target, linear_bias)
