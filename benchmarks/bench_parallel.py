@@ -69,9 +69,9 @@ def worker(rank, world, port, args):
         sync()
 
     # Payload of the all-reduces per row, float64 whatever the logits' dtype: the max of the
-    # slices' lse, then the fused sums of exp(lse_k - max) and of the slices' losses (the
-    # exchange of the shard sizes adds `world` numbers per call, not per row).
-    ours = 3 * 8
+    # slices' maxima, then the fused sums of exp(m_k - M + r_k), of the lse weights and of the
+    # slices' losses (the exchange of the shard sizes adds `world` numbers per call, not per row).
+    ours = 4 * 8
     theirs = (args.vocab - sizes[rank]) * full.element_size()  # what this rank receives
     t_ours = median_ms(fastce_step, args.iters)
     t_theirs = median_ms(gather_step, args.iters)

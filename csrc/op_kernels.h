@@ -17,10 +17,13 @@ struct ForwardResult {
   Tensor loss, z_loss, lse, total_weight, grad_input;
 };
 
-// What the backward ops take besides the problem.
+// What the backward ops take besides the problem. lse: one float64 per row; for a slice of
+// the vocabulary (opt.vocab_size >= 0) the whole vocabulary's lse as (shift, rel) pairs, the
+// first two of lse_columns values per row (see slice_lse_columns).
 struct BackwardArgs {
   Tensor grad_loss, grad_z_loss, lse, total_weight;
   LossOptions opt;
+  int64_t lse_columns = 1;
 };
 
 namespace detail {
@@ -69,6 +72,21 @@ inline BackwardCall read_backward_call(Args& a) {
   return c;
 }
 
+// The backward's lse for a slice of the vocabulary: (*rows, 2), the whole vocabulary's lse as
+// shift + rel (parallel.py merges it from the slices'), or the forward's (*rows, 3) slice
+// output as is (then the gradient is against the slice's own lse). Returns the values per row.
+inline int64_t slice_lse_columns(const Tensor& lse, const Problem& p) {
+  const int64_t k = lse.dim() >= 1 ? lse.size(lse.dim() - 1) : 0;
+  FASTCE_CHECK_VALUE((k == 2 || k == 3) && lse.numel() == p.rows * k,
+                     "lse of a slice of the vocabulary (vocab_size) must hold (shift, rel) for each of its ",
+                     p.rows, " rows, shape (*rows, 2), got a tensor of shape ", lse.sizes());
+  return k;
+}
+
+inline void set_lse_columns(BackwardArgs& b, const Problem& p) {
+  b.lse_columns = b.opt.vocab_size >= 0 ? slice_lse_columns(b.lse, p) : 1;
+}
+
 // Rows whose memory overlaps (an expanded tensor) cannot take their gradient in place.
 inline bool rows_overlap(const Problem& p) {
   return p.rows > 1 && p.logits.stride(0) < std::max<int64_t>(p.classes, 1);
@@ -78,6 +96,9 @@ inline bool rows_overlap(const Problem& p) {
 
 // cross_entropy_forward(input, target, weight, <options>, compute_grad, loss_dtype)
 //   -> (loss, z_loss, lse, total_weight, grad_input)
+// For a slice of the vocabulary (vocab_size >= 0), lse is (*rows, 3): rules.h's SliceLse
+// (max, log-sum, weight of the lse in the loss), what the merge of the slices needs; the loss
+// is against the slice's own lse.
 template <class Backend>
 void forward_kernel(StableIValue* stack, uint64_t, uint64_t) {
   Args a(stack);
@@ -103,6 +124,7 @@ void backward_kernel(StableIValue* stack, uint64_t, uint64_t) {
   const bool compute_grad_target = a.flag();
   const typename Backend::Guard guard(input);
   const Problem p = detail::prepare_for<Backend>(input, c.loss.target, c.loss.weight, b.opt);
+  detail::set_lse_columns(c.args, p);
   Tensor gx2d = Backend::new_grad_buffer(p, input);
   const bool grad_y = compute_grad_target && p.prob;
   Tensor gy2d = grad_y ? Backend::new_grad_buffer(p, input) : empty_on(input, {0}, p.dtype);
@@ -120,6 +142,7 @@ void backward_inplace_kernel(StableIValue* stack, uint64_t, uint64_t) {
   Tensor& input = c.loss.input;
   const typename Backend::Guard guard(input);
   const Problem p = detail::prepare_for<Backend>(input, c.loss.target, c.loss.weight, b.opt);
+  detail::set_lse_columns(c.args, p);
   // (A spatial problem's logits are a view of the input in its own layout.)
   const bool same_storage = (input.dim() <= 2 || (p.spatial && input.is_contiguous())) &&
                             p.logits.data_ptr() == input.data_ptr() &&

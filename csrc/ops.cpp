@@ -44,7 +44,9 @@ void empty_cache(StableIValue*, uint64_t, uint64_t) { cpu::release_kept_buffer()
 
 STABLE_TORCH_LIBRARY(fastce, m) {
   // loss and z_loss: reduced (0-d) or per row (reduction=0); lse: float64 log-sum-exp of
-  // each row's transformed logits (float64 keeps z - lse exact for large logits);
+  // each row's transformed logits (float64 keeps z - lse exact for large logits); for a slice
+  // of the vocabulary (vocab_size >= 0) (*rows, 3), rules.h's SliceLse, and the backward ops
+  // take the whole vocabulary's lse as (shift, rel) pairs, (*rows, 2) (op_kernels.h);
   // total_weight: the mean's two divisors (rules.h: Divisors), the total weight of the
   // cross-entropy and the count of non-ignored rows of the z-loss (shape (2,), float32,
   // float64 for float64 input). loss and z_loss are of loss_dtype (default: the input's).

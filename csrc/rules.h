@@ -98,6 +98,24 @@ FASTCE_RULE RowLse row_lse(double max, double sumexp, bool has_nan) {
   const double lse = has_nan ? NAN : max == -INFINITY ? -INFINITY : max + std::log(sumexp);
   return huge_lse(lse) ? RowLse{max, std::log(sumexp)} : RowLse{0.0, lse};
 }
+// A row's lse given as any shift + rel (the whole vocabulary's, merged from its slices'):
+// kept apart where huge, as row_lse keeps it.
+FASTCE_RULE RowLse split_lse(double shift, double rel) {
+  const double lse = shift + rel;
+  return huge_lse(lse) ? RowLse{shift, rel} : RowLse{0.0, lse};
+}
+// What a vocabulary slice gives the merge of the slices (python/fastce/parallel.py) for a row:
+// its lse as max + log_sum (exact for every row, huge ones included; -inf, 0 for a slice that
+// holds nothing finite; NaN, NaN where a logit is NaN), and the weight of the lse in its loss
+// (the loss is linear in the lse: see class_row_lse_weight).
+struct SliceLse {
+  double max, log_sum, lse_weight;
+};
+FASTCE_RULE SliceLse slice_lse(double max, double sumexp, bool has_nan, double lse_weight) {
+  if (has_nan) return {NAN, NAN, lse_weight};
+  if (max == -INFINITY) return {-INFINITY, 0.0, lse_weight};
+  return {max, std::log(sumexp), lse_weight};
+}
 FASTCE_RULE double full(const RowLse& l) { return l.shift + l.rel; }
 // lse - z, exact for a shifted row too.
 FASTCE_RULE double lse_minus(const RowLse& l, double z) {
@@ -200,6 +218,13 @@ FASTCE_RULE double class_row_loss(const RowLse& l, bool target_here, double w_t,
   const bool smoothing = eps > 0 && weight_sum != 0;
   return class_loss_lanes(target_here ? w_t : 0.0, target_here ? lse_minus(l, z_t) : 0.0,
                           smoothing ? weighted_lse_minus_z(l, weight_sum, s.sum_wz, s.gap) : 0.0, eps, V, smoothing);
+}
+
+// d class_row_loss / d lse = sum_c m_c: how much of the lse a row's loss holds. A slice's loss
+// against the whole vocabulary's lse L is its loss against its own lse_k plus this weight times
+// L - lse_k.
+FASTCE_RULE double class_row_lse_weight(bool target_here, double w_t, double eps, double V, double weight_sum) {
+  return (target_here ? (1.0 - eps) * w_t : 0.0) + (eps > 0 && weight_sum != 0 ? eps / V * weight_sum : 0.0);
 }
 
 // Cross-entropy of a row with probability targets: sum_c w_c y'_c (lse - z_c).

@@ -101,6 +101,69 @@ def _check_case(name, rank, shards, group):
     assert all(torch.equal(loss.detach().nan_to_num(), other.nan_to_num()) for other in losses)
 
 
+# Rows whose lse is huge (rules.h: RowLse): float64 cannot hold max + log(sum) there.
+HUGE = {torch.float64: -1e300, torch.float32: torch.finfo(torch.float32).min}
+HUGE_CASES = {f"huge-{str(dtype)[6:]}-{smooth}-{reduction}": (dtype, smooth, reduction)
+              for dtype in HUGE for smooth in ("plain", "smooth") for reduction in ("none", "mean")}
+HUGE_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _huge_rows(dtype, classes, smooth):
+    """Rows masked entirely with finfo.min, tied at a huge value across slices, with ordinary
+    logits above masked ones, tied at 1e30 and at 1e12; and one ordinary row."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(7, classes, generator=gen, dtype=torch.float64).to(dtype)
+    ties = [0, classes // 2, classes - 1]  # in different slices
+    x[1] = HUGE[dtype]
+    x[2, ties] = -HUGE[dtype] / 4
+    if not smooth:  # (label smoothing sums the masked logits: -inf in float)
+        x[3, 5:] = HUGE[dtype]
+    x[4] = 1e30
+    x[5] = 1e12
+    x[6, ties] = 1e30
+    target = torch.tensor([0, classes - 1, ties[1], 3, 1, classes // 2, ties[2]])
+    return x, target
+
+
+def _assert_close_to(actual, expected, rtol, what):
+    """Close relative to the largest expected value (at least 1), finite where it is."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert torch.equal(actual.isfinite(), expected.isfinite()), f"{what}: non-finite\n{actual}\n{expected}"
+    finite = expected.isfinite()
+    if not finite.any():  # (a rank that holds no class)
+        return
+    scale = expected[finite].abs().max().clamp_min(1.0)
+    err = (actual - expected)[finite].abs().max()
+    assert err <= rtol * scale, f"{what}: error {err:.3g} (scale {scale:.3g})\n{actual}\n{expected}"
+
+
+def _check_huge(name, rank, shards):
+    """Loss and gradient of huge rows: vs torch in float64 on the concatenated logits, and vs
+    fastce.cross_entropy on them."""
+    import fastce
+    dtype, smooth, reduction = HUGE_CASES[name]
+    opts = {"label_smoothing": 0.1} if smooth == "smooth" else {}
+    x, target = _huge_rows(dtype, sum(shards), smooth == "smooth")
+    start = sum(shards[:rank])
+    grad_out = torch.rand(7, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    if reduction == "mean":
+        grad_out = torch.tensor(1.5, dtype=torch.float64)
+    results = []
+    for fn, logits in [(vocab_parallel_cross_entropy, x[:, start:start + shards[rank]]),
+                       (torch.nn.functional.cross_entropy, x.double()), (fastce.cross_entropy, x)]:
+        logits = logits.clone().requires_grad_()
+        loss = fn(logits, target, reduction=reduction, **opts)
+        (loss.double() * grad_out).sum().backward()
+        results.append((loss, logits.grad[:, start:start + shards[rank]] if fn is not vocab_parallel_cross_entropy
+                        else logits.grad))
+    (loss, grad), (ref_loss, ref_grad), (whole_loss, whole_grad) = results
+    assert loss.dtype == dtype
+    for what, expected in [("vs torch float64", (ref_loss, ref_grad)), ("vs fastce", (whole_loss, whole_grad))]:
+        _assert_close_to(loss, expected[0], HUGE_RTOL[dtype], f"loss {what}")
+        _assert_close_to(grad, expected[1], HUGE_RTOL[dtype], f"gradient {what}")
+
+
 def _check_errors(rank, shards):
     classes = sum(shards)
     shard = torch.randn(4, shards[rank])
@@ -181,6 +244,7 @@ def _worker(rank, world, port, out_path):
                             timeout=datetime.timedelta(seconds=20))
     shards = SHARDS[world]
     checks = {name: (lambda n=name: _check_case(n, rank, shards, None)) for name in CASES}
+    checks.update({name: (lambda n=name: _check_huge(n, rank, shards)) for name in HUGE_CASES})
     checks["errors"] = lambda: _check_errors(rank, shards)
     checks["all_ignored"] = lambda: _check_all_ignored(rank, shards)
     checks["long_rows"] = lambda: _check_long_rows(rank, world)
@@ -247,7 +311,7 @@ EXTRA = ["errors", "all_ignored", "long_rows"]
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("case", list(CASES) + EXTRA + ["subgroup", "compile"])
+@pytest.mark.parametrize("case", list(CASES) + list(HUGE_CASES) + EXTRA + ["subgroup", "compile"])
 def test_matches_single_process(world, case, tmp_path_factory):
     if case == "subgroup" and world == 2:
         pytest.skip("needs three ranks")
@@ -294,9 +358,9 @@ def _slices(classes, cuts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_slice_options_add_up_to_the_whole_vocabulary(dtype):
     # One process, no communication: the ops' class_offset / vocab_size options give each
-    # slice's loss against its own lse; merged as parallel.py merges them, they are the loss
-    # of the whole logits, and each slice's gradient (from the whole lse) is its part of the
-    # whole gradient.
+    # slice's loss against its own lse and (max, log-sum, weight of the lse); merged as
+    # parallel.py merges them, they are the loss of the whole logits, and each slice's gradient
+    # (from the whole lse, as a (shift, rel) pair) is its part of the whole gradient.
     from fastce._ops import LossOptions
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, 30, generator=gen).to(dtype)
@@ -313,22 +377,58 @@ def test_slice_options_add_up_to_the_whole_vocabulary(dtype):
                                                          *whole_opts)[0]
     plain = torch.ops.fastce.cross_entropy_forward(x, t, None, *base, loss_dtype=torch.float64)[0]
     torch.testing.assert_close(plain, whole, rtol=1e-6, atol=1e-6)
-    lse_k, loss_k, weight_k = [], [], []
+    pair = whole_lse[:, :2].contiguous()  # the whole vocabulary's lse as (shift, rel)
+    L = whole_lse[:, 0] + whole_lse[:, 1]
+    merged = torch.zeros(7, dtype=torch.float64)
     for a, b in _slices(30, [10, 10, 21]):  # one slice is empty
         opts = base._replace(class_offset=a, vocab_size=30)
-        loss, _, lse, _, _ = torch.ops.fastce.cross_entropy_forward(x[:, a:b], t, None, *opts,
-                                                                    loss_dtype=torch.float64)
+        loss, _, stats, _, _ = torch.ops.fastce.cross_entropy_forward(x[:, a:b], t, None, *opts,
+                                                                      loss_dtype=torch.float64)
+        assert stats.shape == (7, 3)
+        m, r, w = stats.unbind(-1)
         here = ((t >= a) & (t < b)).double()
-        weight_k.append(torch.where(t == -100, 0.0, 0.9 * here + 0.1 * (b - a) / 30))
-        lse_k.append(lse)
-        loss_k.append(loss)
-        grad = torch.ops.fastce.cross_entropy_backward(g, torch.zeros_like(g), x[:, a:b], t, None, whole_lse,
+        torch.testing.assert_close(w, torch.where(t == -100, 0.0, 0.9 * here + 0.1 * (b - a) / 30))
+        merged += loss + torch.where(w == 0, 0.0, w * (L - (m + r)))
+        grad = torch.ops.fastce.cross_entropy_backward(g, torch.zeros_like(g), x[:, a:b], t, None, pair,
                                                        tw, *opts)[0]
         torch.testing.assert_close(grad, whole_grad[:, a:b], rtol=0, atol=0)
-    lse = torch.logsumexp(torch.stack(lse_k), 0)
-    merged = sum(torch.where(w == 0, 0.0, loss + w * (lse - lk)) for loss, lk, w in zip(loss_k, lse_k, weight_k))
     tol = 1e-12 if dtype == torch.float64 else 1e-6  # float sums in another order
     torch.testing.assert_close(merged, torch.where(t == -100, 0.0, whole.double()), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slice_lse_keeps_huge_rows_exact(dtype):
+    # A slice's lse as (max, log-sum): exact where max + log(sum) is not a float64 (rules.h:
+    # RowLse); the weight of the lse in its loss; the loss against its own lse.
+    from fastce._ops import LossOptions
+    x = torch.full((3, 6), HUGE[dtype], dtype=dtype)  # masked entirely
+    x[1, :2] = -HUGE[dtype] / 4  # two huge ties above masked logits
+    x[2] = 1e30
+    t = torch.tensor([13, 11, 20])  # in the slice [10, 16), elsewhere
+    opts = LossOptions(0, -100, 0.1, 1.0, None, 0.0, 10, 40)
+    loss, _, stats, _, _ = torch.ops.fastce.cross_entropy_forward(x, t, None, *opts, loss_dtype=torch.float64)
+    m, r, w = stats.unbind(-1)
+    x64 = x.double()
+    assert torch.equal(m, x64.amax(1))
+    torch.testing.assert_close(r, torch.tensor([6.0, 2.0, 6.0], dtype=torch.float64).log(), rtol=1e-15, atol=0)
+    here = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(w, 0.9 * here + 0.1 * 6 / 40, rtol=1e-15, atol=0)
+    # sum_c m_c (lse - z_c), each term in pieces (m - z_c) + r
+    mass = torch.full((3, 6), 0.1 / 40, dtype=torch.float64)
+    mass[0, 3] += 0.9
+    mass[1, 1] += 0.9
+    expected = (mass * ((m[:, None] - x64) + r[:, None])).sum(1)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_slice_backward_takes_lse_pairs():
+    from fastce._ops import LossOptions
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    opts = LossOptions(0, class_offset=0, vocab_size=9)
+    g = torch.ones(3)
+    for lse in (torch.zeros(3, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match=r"shape \(\*rows, 2\)"):
+            torch.ops.fastce.cross_entropy_backward(g, torch.zeros_like(g), x, t, None, lse, torch.ones(2), *opts)
 
 
 def test_opcheck_with_slice_options():

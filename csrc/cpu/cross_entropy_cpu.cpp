@@ -205,13 +205,24 @@ std::pair<Tensor, Tensor> loss_outputs(const Rows& rows, const std::vector<doubl
   return {from_doubles({red.loss}, {}, dtype, input), from_doubles({red.z_loss}, {}, dtype, input)};
 }
 
-// The gradient for unit grad_loss and zero grad_z_loss, as the backward op computes it.
+// The gradient for unit grad_loss and zero grad_z_loss, as the backward op computes it (from
+// the forward's lse output).
 BackwardArgs unit_gradient(const Problem& p, const LossOptions& opt, const Tensor& input, const Tensor& lse,
                            const Tensor& total_weight) {
   const int64_t n = opt.reduction == kNone ? p.rows : 1;
   return BackwardArgs{from_doubles(std::vector<double>(n, 1.0), {n}, ScalarType::Double, input),
                       from_doubles(std::vector<double>(n, 0.0), {n}, ScalarType::Double, input), lse,
-                      total_weight, opt};
+                      total_weight, opt, opt.vocab_size >= 0 ? 3 : 1};
+}
+
+// A vocabulary slice's lse output: rules.h's SliceLse of each row, (*rows, 3); zeros for ignored rows.
+Tensor slice_lse_output(const std::vector<SliceLse>& rows, const Problem& p, const Tensor& input) {
+  std::vector<double> values;
+  values.reserve(rows.size() * 3);
+  for (const SliceLse& s : rows) values.insert(values.end(), {s.max, s.log_sum, s.lse_weight});
+  std::vector<int64_t> shape = p.row_shape;
+  shape.push_back(3);
+  return from_doubles(values, shape, ScalarType::Double, input);
 }
 
 struct Cpu {
@@ -243,6 +254,8 @@ struct Cpu {
     const int64_t np = rows.pieces();
     std::vector<cpu::PieceStats> stats(p.rows * np);
     std::vector<double> loss(p.rows, 0.0), zloss(p.rows, 0.0), lse(p.rows, 0.0);  // 0: ignored rows
+    const bool slice = opt.vocab_size >= 0;
+    std::vector<SliceLse> slice_lse_rows(slice ? p.rows : 0, SliceLse{0.0, 0.0, 0.0});
     auto finish_row = [&](int64_t r) {
       cpu::PieceStats merged;
       if (np > 1) merged = merge_pieces(&stats[r * np], np);
@@ -251,6 +264,11 @@ struct Cpu {
       zloss[r] = z_loss(opt.lse_square_scale, full(l));
       loss[r] = row_loss(rows, r, st, l) + zloss[r];
       lse[r] = full(l);
+      if (slice) {
+        const double weight = class_row_lse_weight(rows.target_here(r), rows.row_weight[r], opt.label_smoothing,
+                                                   rows.V, rows.weight_sum);
+        slice_lse_rows[r] = slice_lse(st.max, st.sumexp, st.has_nan, weight);
+      }
       return l;
     };
 
@@ -286,7 +304,7 @@ struct Cpu {
     }
 
     std::tie(out.loss, out.z_loss) = loss_outputs(rows, loss, zloss, input, loss_dtype);
-    out.lse = from_doubles(lse, p.row_shape, ScalarType::Double, input);
+    out.lse = slice ? slice_lse_output(slice_lse_rows, p, input) : from_doubles(lse, p.row_shape, ScalarType::Double, input);
     if (!compute_grad) {
       out.grad_input = empty_on(input, {0}, p.dtype);
       return out;
@@ -310,11 +328,12 @@ struct Cpu {
     const int64_t n_grad = per_row ? p.rows : 1;
     const std::vector<double> gl = to_doubles(b.grad_loss, n_grad, "grad_loss");
     const std::vector<double> gz = to_doubles(b.grad_z_loss, n_grad, "grad_z_loss");
-    const std::vector<double> lse_rows = to_doubles(b.lse, p.rows, "lse");
+    const int64_t k = b.lse_columns;
+    const std::vector<double> lse_rows = to_doubles(b.lse, p.rows * k, "lse");
     // A row whose lse is huge (see RowLse) gets its max and log-sum again from the logits,
     // before any gradient is written (in place, over them); the others' lse is the saved one.
+    // A vocabulary slice's lse is the whole vocabulary's, given as (shift, rel): exact already.
     std::vector<int64_t> huge_rows;
-    // (A vocabulary slice's lse is the whole vocabulary's: its logits cannot give it again.)
     for (int64_t r = 0; r < p.rows && b.opt.vocab_size < 0; ++r)
       if (!rows.ignored(r) && huge_lse(lse_rows[r])) huge_rows.push_back(r);
     std::vector<RowLse> recomputed(huge_rows.empty() ? 0 : p.rows);  // by row, for huge rows only
@@ -326,6 +345,7 @@ struct Cpu {
       }
     });
     auto lse_of_row = [&](int64_t r) {
+      if (b.opt.vocab_size >= 0) return split_lse(lse_rows[r * k], lse_rows[r * k + 1]);
       return recomputed.empty() || !huge_lse(lse_rows[r]) ? RowLse{0.0, lse_rows[r]} : recomputed[r];
     };
 

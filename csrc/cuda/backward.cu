@@ -26,6 +26,11 @@ __device__ __forceinline__ bool recomputes_lse(const BackwardArgs& a, int64_t r)
   return a.v.opt.vocab_size < 0 && huge_lse(a.lse[r]);
 }
 
+// Row r's lse as given to the op: a vocabulary slice's as (shift, rel) pairs of the whole's.
+__device__ __forceinline__ RowLse given_lse(const BackwardArgs& a, int64_t r) {
+  return a.v.opt.vocab_size >= 0 ? split_lse(a.lse[2 * r], a.lse[2 * r + 1]) : RowLse{0.0, a.lse[r]};
+}
+
 // The gradient coefficients of row r (not ignored): rules.h's grad_coef, with the row's
 // incoming gradients divided by the mean's divisors (rules.h: row_grads).
 template <class A, bool Prob>
@@ -186,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, grad_min_blocks<T, Prob>()) grad_ker
     const bool whole = v.chunks == 1;
     double sum_wy = 0.0;
     if constexpr (Prob) sum_wy = whole ? row_sum_wy(yr, w, v.classes, lane) : a.sum_wy[r];
-    RowLse l{0.0, a.lse[r]};
+    RowLse l = given_lse(a, r);
     if (recomputes_lse(a, r)) l = whole ? recompute_lse(xr, tf, v.classes, lane) : a.huge_lse[r];
     const GradCoef k = row_grad_coef<A, Prob>(a, r, l, t, sum_wy);
     const LseSplit<A> lse = split_lse<A>(k);

@@ -80,6 +80,12 @@ Tensor incoming(const Tensor& t, int64_t count, const char* what, const Tensor& 
 }
 cuda::Values values_of(const Tensor& t) { return {t.const_data_ptr(), kernel_dtype(t.scalar_type())}; }
 
+// A vocabulary slice's (rows, 2 or 3) float64 lse as the kernels read it: contiguous (shift, rel) pairs.
+Tensor lse_pairs(Tensor lse2d) {
+  if (lse2d.size(1) != 2) lse2d = torch::stable::narrow(lse2d, 1, 0, 2);
+  return lse2d.is_contiguous() ? lse2d : torch::stable::contiguous(lse2d);
+}
+
 // The backward's kernels: the gradient of the logits into gx2d (and of probability targets into
 // gy2d) for incoming gradients grad_loss / grad_zloss (absent: the unit gradient).
 void launch_gradient(const View& view, const Problem& p, cuda::Values grad_loss, cuda::Values grad_zloss,
@@ -127,7 +133,8 @@ struct Cuda {
     ForwardResult out;
     // 'none': the kernels write each row's loss and z-loss in loss_dtype, the outputs
     // themselves; 'mean'/'sum': per-row doubles for the fixed-order reduction.
-    Tensor lse = empty_on(input, {p.rows}, ScalarType::Double);
+    const bool slice = opt.vocab_size >= 0;  // lse: rules.h's SliceLse per row
+    Tensor lse = empty_on(input, {p.rows, slice ? 3 : 1}, ScalarType::Double);
     Tensor row_weight = empty_on(input, {p.rows}, ScalarType::Double);
     Tensor row_loss, row_zloss, partial, reduce_partial;
     out.total_weight = empty_on(input, {2}, p.acc_type);  // the mean's divisors (rules.h: Divisors)
@@ -161,13 +168,16 @@ struct Cuda {
       out.loss = torch::stable::reshape(out.loss, p.row_shape);
       out.z_loss = torch::stable::reshape(out.z_loss, p.row_shape);
     }
-    out.lse = torch::stable::reshape(lse, p.row_shape);
+    std::vector<int64_t> lse_shape = p.row_shape;
+    if (slice) lse_shape.push_back(3);
+    out.lse = torch::stable::reshape(lse, lse_shape);
     if (!compute_grad) {
       out.grad_input = empty_on(input, {0}, p.dtype);
       return out;
     }
     Tensor gx2d = empty_on(input, {p.rows, p.classes}, p.dtype);
-    launch_gradient(view, p, {}, {}, values_of(out.total_weight), lse, gx2d, nullptr, stream);
+    const Tensor lse_in = slice ? lse_pairs(lse) : lse;  // a slice's gradient against its own lse
+    launch_gradient(view, p, {}, {}, values_of(out.total_weight), lse_in, gx2d, nullptr, stream);
     out.grad_input = grad_to_input_layout(gx2d, input);
     return out;
   }
@@ -177,8 +187,9 @@ struct Cuda {
     const Tensor gl = incoming(b.grad_loss, n_grad, "grad_loss", p.logits);
     const Tensor gz = incoming(b.grad_z_loss, n_grad, "grad_z_loss", p.logits);
     const Tensor tw = incoming(b.total_weight, 2, "total_weight", p.logits);
-    Tensor lse = incoming(b.lse, p.rows, "lse", p.logits);
+    Tensor lse = incoming(b.lse, p.rows * b.lse_columns, "lse", p.logits);
     if (lse.scalar_type() != ScalarType::Double) lse = torch::stable::to(lse, ScalarType::Double);
+    if (b.opt.vocab_size >= 0) lse = lse_pairs(torch::stable::reshape(lse, {p.rows, b.lse_columns}));
     const cudaStream_t stream = current_stream(p.logits);
     const View view(p, b.opt, stream);
     launch_gradient(view, p, values_of(gl), values_of(gz), values_of(tw), lse, gx2d, gy2d, stream);

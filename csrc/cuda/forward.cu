@@ -38,8 +38,9 @@ __device__ void store_as(Dtype d, void* p, int64_t i, double v) {
 
 // What a row leaves for the reduction: its lse and weight; with reduction 'none' its loss and
 // z-loss in loss_dtype (the op's output), else in double for reduce_kernel.
+// (A vocabulary slice's lse is its SliceLse, three values a row: the caller writes it.)
 __device__ void write_row(const ForwardArgs& a, int64_t r, double lse, double loss, double zloss, double weight) {
-  a.lse[r] = lse;
+  if (a.v.opt.vocab_size < 0) a.lse[r] = lse;
   a.row_weight[r] = weight;
   if (a.v.opt.reduction == kNone) {
     store_as(a.loss_dtype, a.loss_out, r, loss);
@@ -59,8 +60,11 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
   using A = acc_t<T>;
   const Rows& v = a.v;
   const RowTarget t = Prob ? RowTarget{false, -1} : target_of(v, r);
+  const bool slice = v.opt.vocab_size >= 0;  // a.lse holds rules.h's SliceLse per row
   if (t.ignored) {
-    if (lane == 0) write_row(a, r, 0.0, 0.0, 0.0, 0.0);
+    if (lane != 0) return;
+    write_row(a, r, 0.0, 0.0, 0.0, 0.0);
+    if (slice) a.lse[3 * r] = a.lse[3 * r + 1] = a.lse[3 * r + 2] = 0.0;
     return;
   }
   const A* w = static_cast<const A*>(v.weight);
@@ -83,6 +87,14 @@ __device__ void finish_row(const ForwardArgs& a, int64_t r, const Stats<acc_t<T>
   }
   const double zl = z_loss(v.opt.lse_square_scale, full(l));
   write_row(a, r, full(l), ce + zl, zl, w_r);
+  if (!slice) return;
+  // (Slices take class-index targets: Prob is false.)
+  const double lse_weight = class_row_lse_weight(here, w_r, eps, double(vocabulary(v.opt, v.classes)),
+                                                 class_weight_sum(v));
+  const SliceLse s = slice_lse(double(st.m), double(st.top) + double(st.rest), l.rel != l.rel, lse_weight);
+  a.lse[3 * r] = s.max;
+  a.lse[3 * r + 1] = s.log_sum;
+  a.lse[3 * r + 2] = s.lse_weight;
 }
 
 // One warp per unit (row, or piece of a row when v.chunks > 1).

@@ -38,7 +38,7 @@ int64_t plan_chunk(int64_t rows, int64_t classes, Dtype dtype, int sm_count);
 constexpr int kPartialValues = 6;  // acc values of a piece's statistics (forward.cu: Stats)
 struct ForwardArgs {
   Rows v;
-  double* lse;            // (rows,)
+  double* lse;            // (rows,); (rows, 3) for a vocabulary slice: rules.h's SliceLse
   double* row_loss;       // (rows,) 'mean'/'sum': each row's loss (z-loss included; 0 when ignored)
   double* row_zloss;      // (rows,) 'mean'/'sum': each row's z-loss
   double* row_weight;     // (rows,) the weight of each row's loss (0 when ignored)
@@ -78,7 +78,7 @@ struct BackwardArgs {
   Values grad_loss;     // (rows,) when reduction is none, else (1,); absent: 1 (unit gradient)
   Values grad_zloss;    // same shape; absent: 0
   Values total_weight;  // (2,): the mean's divisors
-  const double* lse;    // (rows,)
+  const double* lse;    // (rows,); (rows, 2) for a vocabulary slice: (shift, rel) of the whole's
   double* sum_wy;       // (rows,) scratch, split rows with probability targets: sum_c w_c y_c
   RowLse* huge_lse;     // (rows,) scratch, split rows (not of a vocabulary slice, which keeps
                         // the lse it is given): huge rows' lse recomputed from the logits

@@ -67,8 +67,10 @@ def _forward_fake(input, target, weight, *rest, **kwargs):
     rows = _row_shape(input)
     loss_shape = rows if opt.reduction == _NONE else ()
     loss_dtype = input.dtype if loss_dtype is None else loss_dtype
+    # A slice of the vocabulary gives the merge (max, log-sum, weight of the lse) per row (csrc/rules.h: SliceLse).
+    lse_shape = (*rows, 3) if opt.vocab_size >= 0 else rows
     return (input.new_empty(loss_shape, dtype=loss_dtype), input.new_empty(loss_shape, dtype=loss_dtype),
-            input.new_empty(rows, dtype=torch.float64), input.new_empty((2,), dtype=_acc_dtype(input)),
+            input.new_empty(lse_shape, dtype=torch.float64), input.new_empty((2,), dtype=_acc_dtype(input)),
             input.new_empty(input.shape if compute_grad else (0,)))
 
 

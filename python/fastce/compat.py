@@ -46,9 +46,11 @@ class _PrecomputedLse(torch.autograd.Function):
     def backward(ctx, grad_losses, _grad_z_losses):  # z_losses are for logging (as flash-attn)
         logits, labels, lse = ctx.saved_tensors
         # As a slice that is the whole vocabulary: the kernels take a slice's lse as given
-        # (some recompute a whole row's own lse instead of reading it).
+        # (some recompute a whole row's own lse instead of reading it), as (shift, rel) pairs.
         options = ctx.options._replace(class_offset=0, vocab_size=logits.shape[1])
-        args = (grad_losses.contiguous(), torch.zeros_like(grad_losses), logits, labels, None, lse.double(),
+        lse = lse.double()
+        pairs = torch.stack([torch.zeros_like(lse), lse], -1)
+        args = (grad_losses.contiguous(), torch.zeros_like(grad_losses), logits, labels, None, pairs,
                 _row_divisors(lse), *options)
         if ctx.inplace_backward:
             call(ops.cross_entropy_backward_inplace.default, *args)
@@ -62,10 +64,8 @@ def _vocab_parallel(logits, labels, options, process_group):
     rank = torch.distributed.get_rank(process_group)
     classes = logits.shape[1]
     options = options._replace(class_offset=rank * classes, vocab_size=world * classes)
-    losses, lse, _ = _VocabParallelLoss.apply(logits, labels, options, process_group)
-    z = options.lse_square_scale * lse * lse
-    z_losses = torch.where(labels == options.ignore_index, 0.0, z)
-    return losses.float(), z_losses.float()
+    losses, z_losses, _, _ = _VocabParallelLoss.apply(logits, labels, options, process_group)
+    return losses.float(), z_losses.detach().float()
 
 
 def flash_attn_cross_entropy_loss(

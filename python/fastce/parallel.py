@@ -3,17 +3,20 @@
 Each rank holds a contiguous slice of the vocabulary and runs fastce's own loss ops on it, as
 a slice: ``class_offset`` and ``vocab_size`` tell the kernels where the slice lies, so a target
 held by another rank adds no target term here and label smoothing spreads over the whole
-vocabulary. One read of the slice gives, per row, its log-sum-exp ``lse_k`` and its loss
-against that lse, ``loss_k`` (in float64). The ranks then exchange O(rows) numbers:
+vocabulary. One read of the slice gives, per row, its loss against its own lse ``loss_k``
+(float64) and what the merge needs (csrc/rules.h: SliceLse): its lse as ``m_k + r_k`` (max and
+log-sum relative to it, exact where float64 cannot hold their sum: rows masked with
+finfo.min, ties at 1e30) and the weight ``w_k`` of the lse in its loss (the loss is linear in
+the lse). The ranks then exchange O(rows) numbers:
 
-1. max of ``lse_k``: ``m``;
-2. sum, in one tensor: ``exp(lse_k - m)`` and ``loss_k + M_k (m - lse_k)``, where
-   ``M_k = (1 - eps) [target in slice k] + eps C_k / V`` is the weight the slice's loss gives
-   its lse. With ``L = m + log S`` the whole vocabulary's lse, the row's cross-entropy is
-   ``sum_k (loss_k + M_k (L - lse_k)) = A + log S`` (the M_k sum to 1).
+1. max of ``m_k``: ``M``;
+2. sum, in one tensor: ``exp(m_k - M + r_k)`` (whose log is ``R``), ``w_k`` and
+   ``loss_k + w_k ((M - m_k) - r_k)``. The whole vocabulary's lse is ``L = M + R``, and the
+   row's cross-entropy ``sum_k loss_k + w_k (L - lse_k)``, with ``L - lse_k`` taken in float64
+   pieces ``(M - m_k) + (R - r_k)``: the second sum plus ``R`` times the first.
 
-The backward is the same backward op with the global lse: no communication. The collectives
-are torch.distributed's functional ones under torch.compile.
+The backward is the same backward op given the whole vocabulary's lse as the pair (M, R): no
+communication. The collectives are torch.distributed's functional ones under torch.compile.
 """
 from typing import Optional
 
@@ -49,54 +52,58 @@ def _slice_of(shard_classes, group):
     return sum(sizes[:rank]), sum(sizes)
 
 
-def _lse_weight(target, options, shard_classes):
-    """M_k of every row: the weight this slice's loss gives its own lse (0 on ignored rows)."""
-    eps, V = options.label_smoothing, options.vocab_size
-    local = target.long() - options.class_offset
-    here = (local >= 0) & (local < shard_classes)
-    m = here.double() * (1.0 - eps) + eps * shard_classes / V
-    return torch.where(target == options.ignore_index, 0.0, m)
+def _merge(loss_k, slice_lse, group):
+    """The whole vocabulary's cross-entropy of every row (float64) and its lse as (shift, rel)
+    pairs, shape (*rows, 2), from this slice's loss and SliceLse (see the module's doc)."""
+    m_k, r_k, w_k = slice_lse.unbind(-1)
+    m = _all_reduce(m_k.clone(), "max", group)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # rows that hold nothing finite anywhere: NaN below
+    # (A slice whose loss holds no lse adds its loss alone, even where its lse is -inf.)
+    part = loss_k + torch.where(w_k == 0, 0.0, w_k * ((m - m_k) - r_k))
+    sums = _all_reduce(torch.stack([torch.exp((m_k - m) + r_k), w_k, part]), "sum", group)
+    r = torch.log(sums[0])
+    loss = sums[2] + torch.where(sums[1] == 0, 0.0, sums[1] * r)
+    return loss, torch.stack([m, r], -1)
 
 
 class _VocabParallelLoss(torch.autograd.Function):
-    """Per-row loss of the whole vocabulary (float64, 0 on ignored rows) and its total weight."""
+    """Per-row loss of the whole vocabulary (float64, z-loss included, 0 on ignored rows), its
+    z-loss, the whole vocabulary's lse as (shift, rel) pairs, and the mean's divisors."""
 
     @staticmethod
     def forward(logits, target, options, group):
-        shard_classes = logits.shape[0 if logits.dim() == 1 else 1]
-        loss_k, _, lse_k, total_weight, _ = call(
+        loss_k, _, slice_lse, total_weight, _ = call(
             ops.cross_entropy_forward.default, logits, target, None,
             *options._replace(reduction=_NONE, lse_square_scale=0.0), loss_dtype=torch.float64)
-        m = _all_reduce(lse_k.clone(), "max", group)
-        m = torch.where(torch.isfinite(m), m, 0.0)  # rows that hold nothing anywhere: NaN below
-        weight = _lse_weight(target, options, shard_classes)
-        gap = torch.where(weight == 0, 0.0, weight * (m - lse_k))
-        parts = _all_reduce(torch.stack([torch.exp(lse_k - m), loss_k + gap]), "sum", group)
-        log_s = torch.log(parts[0])
-        lse = m + log_s
-        loss = parts[1] + log_s
-        s = options.lse_square_scale
-        if s > 0:
-            loss = loss + s * lse * lse
+        loss, lse = _merge(loss_k, slice_lse, group)
         ignored = target == options.ignore_index
-        return loss.masked_fill(ignored, 0.0), lse, total_weight
+        # The z-loss of the whole vocabulary's lse (csrc/rules.h: z_loss), which no slice's op
+        # call can give: the one place outside rules.h that states it.
+        s = options.lse_square_scale
+        z = torch.zeros_like(loss) if s == 0 else (s * lse.sum(-1) ** 2).masked_fill(ignored, 0.0)
+        return (loss + z).masked_fill(ignored, 0.0), z, lse, total_weight
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target, options, _ = inputs
-        _, lse, total_weight = output
+        _, _, lse, total_weight = output
         ctx.save_for_backward(logits, target, lse, total_weight)
         ctx.options = options
         ctx.mark_non_differentiable(lse, total_weight)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad, *_):
+    def backward(ctx, grad, grad_z, *_):
         if torch.is_grad_enabled():  # the gradient below is not recorded: say so, never a zero
             raise NotImplementedError(
                 "fastce.parallel: double backward (create_graph=True) through the vocabulary-parallel loss "
                 "is not supported")
+        if grad is None and grad_z is None:
+            return None, None, None, None
         logits, target, lse, total_weight = ctx.saved_tensors
-        grad_logits, _ = call(ops.cross_entropy_backward.default, grad, torch.zeros_like(grad), logits, target,
+        grad = torch.zeros_like(grad_z) if grad is None else grad
+        grad_z = torch.zeros_like(grad) if grad_z is None else grad_z
+        grad_logits, _ = call(ops.cross_entropy_backward.default, grad, grad_z, logits, target,
                               None, lse, total_weight, *ctx.options._replace(reduction=_NONE))
         return grad_logits, None, None, None
 
@@ -142,12 +149,16 @@ def vocab_parallel_cross_entropy(
     options = LossOptions(_NONE, ignore_index, float(label_smoothing), float(logit_scale),
                           None if softcap is None else float(softcap), float(lse_square_scale),
                           int(vocab_start), int(vocab_size))
-    loss, _, total_weight = _VocabParallelLoss.apply(logits, target, options, group)
+    loss, _, _, total_weight = _VocabParallelLoss.apply(logits, target, options, group)
     loss_dtype = logits.dtype if loss_dtype is None else loss_dtype
     if reduction_enum == _NONE:
         return loss.to(loss_dtype)
     total = loss.sum()
-    if reduction_enum == _MEAN:  # no class weights here: the two divisors are the same
+    if reduction_enum == _MEAN:
+        # csrc/rules.h: reduce_losses divides the cross-entropy by total_weight[0] and the
+        # z-loss by total_weight[1]; a slice takes no class weights, so the two are equal
+        # (the op gives both) and the sum of both divides by one. No op reduces rows given
+        # from outside, so this division is stated here.
         total = total / total_weight[0]
     return total.to(loss_dtype)
 

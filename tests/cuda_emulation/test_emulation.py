@@ -166,7 +166,8 @@ class Kernels:
         rows = self.x.shape[0]
         loss_dtype = loss_dtype or self.x.dtype
         reduced = self.opt.reduction != 0
-        lse, row_weight = nan_empty((rows,), torch.float64), nan_empty((rows,), torch.float64)
+        slice_ = self.opt.vocab_size >= 0  # lse: (max, log-sum, weight of the lse) per row (rules.h: SliceLse)
+        lse, row_weight = nan_empty((rows, 3) if slice_ else (rows,), torch.float64), nan_empty((rows,), torch.float64)
         row_loss, row_zloss = ((nan_empty((rows,), torch.float64) for _ in range(2)) if reduced else (None, None))
         shape = () if reduced else (rows,)
         loss, zloss = nan_empty(shape, loss_dtype), nan_empty(shape, loss_dtype)
@@ -181,6 +182,8 @@ class Kernels:
         """(pieces per row or -1, gx, gy); grad_loss and grad_z_loss None: the unit gradient.
         gx: the buffer to write (x itself: in place), else a new one of `layout` (grad_buffer)."""
         x = self.x
+        if self.opt.vocab_size >= 0:  # the kernels read (shift, rel) pairs, as the driver gives them
+            lse = lse.reshape(x.shape[0], -1)[:, :2].contiguous()
         gx = grad_buffer(x, layout) if gx is None else gx
         gy = grad_buffer(x, layout) if grad_y else None
         grad_dtype = DT[grad_loss.dtype] if grad_loss is not None else 0
@@ -320,20 +323,19 @@ def test_vocabulary_slices_add_up_to_the_whole(lib, dtype, C, cuts, sm):
     _, whole_loss, _, whole_lse, tw = whole.forward(torch.float64)
     g = torch.rand(7, dtype=torch.float64)
     _, whole_grad, _ = whole.backward(g, torch.zeros_like(g), whole_lse, tw)
-    lse_k, loss_k, weight_k = [], [], []
+    pair = torch.stack([torch.zeros_like(whole_lse), whole_lse], -1)
+    merged = torch.zeros(7, dtype=torch.float64)
     for a, b in _slices(C, cuts):
         xs = x[:, a:b]
         k = Kernels(lib, xs, t, sm=sm, class_offset=a, vocab_size=C, **base)
-        chunks, loss, _, lse, tw_k = k.forward(torch.float64)
+        chunks, loss, _, stats, tw_k = k.forward(torch.float64)
         assert chunks >= 1 and torch.equal(tw_k, tw)
+        m, r, w = stats.unbind(-1)
         here = ((t >= a) & (t < b)).double()
-        weight_k.append(torch.where(t == -100, 0.0, 0.9 * here + 0.1 * (b - a) / C))
-        lse_k.append(lse)
-        loss_k.append(loss)
-        _, grad, _ = k.backward(g, torch.zeros_like(g), whole_lse, tw)
+        torch.testing.assert_close(w, torch.where(t == -100, 0.0, 0.9 * here + 0.1 * (b - a) / C))
+        merged += loss + torch.where(w == 0, 0.0, w * (whole_lse - (m + r)))
+        _, grad, _ = k.backward(g, torch.zeros_like(g), pair, tw)
         assert torch.equal(grad, whole_grad[:, a:b])
-    lse = torch.logsumexp(torch.stack(lse_k), 0)
-    merged = sum(torch.where(w == 0, 0.0, loss + w * (lse - lk)) for loss, lk, w in zip(loss_k, lse_k, weight_k))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(merged, whole_loss, rtol=tol, atol=tol)
 
