@@ -18,10 +18,9 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-typedef _Float16 vhf __attribute__((vector_size(VW * 2)));
 
 struct bf16 { uint16_t bits; };
-struct f16 { _Float16 value; };
+struct f16 { uint16_t bits; };
 
 constexpr int64_t kBlock = 2048;  // floats of z per block: 8 KiB, with the logits' block in L1
 
@@ -30,19 +29,20 @@ template <> struct Acc<double> { using scalar = double; using reg = double; stat
 
 FASTCE_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 FASTCE_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+#include "half_impl.h"
 
 // ---- scalar loads and stores (rounding to nearest even) ---------------------------------
 FASTCE_INLINE float load1(const float* p) { return *p; }
 FASTCE_INLINE double load1(const double* p) { return *p; }
 FASTCE_INLINE float load1(const bf16* p) { return bits_to_float(uint32_t(p->bits) << 16); }
-FASTCE_INLINE float load1(const f16* p) { return float(p->value); }
+FASTCE_INLINE float load1(const f16* p) { return f16_to_float(p->bits); }
 FASTCE_INLINE void store1(float* p, float v) { *p = v; }
 FASTCE_INLINE void store1(double* p, double v) { *p = v; }
 FASTCE_INLINE void store1(bf16* p, float v) {
   uint32_t u = float_to_bits(v);
   p->bits = v != v ? uint16_t((u >> 16) | 0x0040) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
-FASTCE_INLINE void store1(f16* p, float v) { p->value = _Float16(v); }
+FASTCE_INLINE void store1(f16* p, float v) { p->bits = float_to_f16(v); }
 
 // ---- vector loads and stores ------------------------------------------------------------
 FASTCE_INLINE vf splat(float a) { return vf{} + a; }
@@ -54,8 +54,9 @@ FASTCE_INLINE vf loadv(const bf16* p) {
   return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 FASTCE_INLINE vf loadv(const f16* p) {
-  vhf h; std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, vf);
+  vf v;
+  for (int i = 0; i < VW; ++i) v[i] = f16_to_float(p[i].bits);
+  return v;
 }
 FASTCE_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 FASTCE_INLINE void storev(double* p, double v) { *p = v; }
@@ -67,8 +68,7 @@ FASTCE_INLINE void storev(bf16* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 FASTCE_INLINE void storev(f16* p, vf v) {
-  const vhf h = __builtin_convertvector(v, vhf);
-  std::memcpy(p, &h, sizeof h);
+  for (int i = 0; i < VW; ++i) p[i].bits = float_to_f16(v[i]);
 }
 
 // ---- math ----------------------------------------------------------------------------------
